@@ -1,0 +1,3 @@
+"""dlrun: a config-driven deep-learning experiment runner."""
+
+__version__ = "0.1.0"
