@@ -131,11 +131,29 @@ RULES: dict[str, Rule] = {
     "data.augment.flip": Rule("bool"),
     "data.augment.crop_pad": Int(0),
     "data.augment.scale_min": Float(0, 1, lo_open=True),
+    # images: torchvision sets (mnist, fashion_mnist, cifar10), imagefolder, resnet weights
+    "data.root": Rule("str"),
+    "data.download": Rule("bool", words=("auto",)),
+    "data.path": Rule("str", nullable=True),
+    "data.mean": Float(each=True),
+    "data.std": Float(0, lo_open=True, each=True),
+    "model.weights_path": Rule("str", nullable=True),
     # model: cnn / resnet
     "model.channels": Int(1, each=True),
     "model.channels_last": Rule("bool"),
     "model.arch": Choice("resnet18", "resnet34", "resnet50"),
     "model.pretrained": Rule("bool"),
+    # tabular (data=csv / penguins, model=tabular, regularization=tabular); column lists may
+    # be empty, so they are checked against the file when it is read, not here.
+    "data.sep": Rule("str"),
+    "data.header": Rule("bool"),
+    "data.skip_rows": Int(0),
+    "data.task": Choice("auto", "classification", "regression"),
+    "data.log_y": Rule("bool"),
+    "data.valid_by": Rule("str", nullable=True),
+    "model.layers": Int(1, each=True),
+    "model.y_range": Float(each=True, nullable=True),
+    "regularization.emb_dropout": PROB,
     # optimizer
     "optimizer.name": Choice("sgd", "adam", "adamw"),
     "optimizer.lr": Float(0, lo_open=True, words=("find",)),

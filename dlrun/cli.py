@@ -1,0 +1,295 @@
+"""`dlrun COMMAND ...`: the first word picks the command; for `train` and `lr-find` it also
+picks the primary config, and every other word goes to Hydra unchanged (`-m`, `--cfg job`,
+`--help`, `--config-dir`, `+key=value`, `hydra/launcher=...`, shell completion).
+
+This module and what it imports at the top stay free of torch: `dlrun --help` and
+`dlrun train --cfg job` must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from dlrun.errors import DlrunError
+
+# command -> (primary config, one-line help); these run through Hydra.
+HYDRA_COMMANDS = {
+    "train": ("train", "train the experiment the config describes (key=value overrides, -m to sweep)"),
+    "lr-find": ("lr_find", "learning-rate range test: loss-vs-lr plot and suggested rates"),
+}
+# command -> (module with main(argv), one-line help)
+PLAIN_COMMANDS = {
+    "eval": ("dlrun.evaluate", "validation metrics of a saved run: dlrun eval RUN_DIR"),
+    "runs": ("dlrun.runs", "table of past runs or of one sweep, best first: dlrun runs [DIR]"),
+    "embeddings": ("dlrun.embeddings", "export a tabular run's embeddings, compare tree models with them"),
+    "generate": ("dlrun.generate", "sample text from a trained language model: dlrun generate RUN_DIR"),
+}
+COMMANDS = {**HYDRA_COMMANDS, **PLAIN_COMMANDS}
+# Hydra flags after which composing the config ourselves first would be wrong or pointless.
+NO_PREFLIGHT = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+                "--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
+                "--experimental-rerun"}
+VERBOSE = {"-v", "--verbose"}
+
+USAGE = """usage: dlrun COMMAND [ARGS...]
+
+Config-driven deep-learning experiments: Hydra configs in, a trained PyTorch model,
+metrics, checkpoints and plots out.
+
+commands:
+{commands}
+
+`dlrun COMMAND --help` shows a command's options (for train and lr-find: the config
+groups and every key). -v (or HYDRA_FULL_ERROR=1) shows tracebacks."""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()))
+
+
+def verbose() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@contextmanager
+def user_errors(exit_on_error: bool = True) -> Iterator[None]:
+    """The one place a DlrunError becomes a short message and exit code 2 (no traceback
+    unless -v). In a sweep job the error is reported and the sweep goes on."""
+    try:
+        yield
+    except DlrunError as e:
+        if verbose():
+            raise
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {e}")
+        if exit_on_error:
+            sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in VERBOSE for a in argv):
+        argv = [a for a in argv if a not in VERBOSE]
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    with user_errors():
+        sys.exit(dispatch(argv))
+
+
+def dispatch(argv: list[str]) -> int:
+    if "COMP_LINE" in os.environ and ("-sc" in argv or "--shell-completion" in argv):
+        return complete(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        from dlrun import __version__
+
+        print(f"dlrun {__version__}")
+        return 0
+    if argv[0].startswith("-"):
+        # `dlrun --shell-completion install=bash` and other bare Hydra flags mean `train`.
+        return run_hydra("train", argv)
+    command, rest = argv[0], argv[1:]
+    if command in HYDRA_COMMANDS:
+        return run_hydra(command, rest)
+    if command in PLAIN_COMMANDS:
+        module = importlib.import_module(PLAIN_COMMANDS[command][0])
+        module.main(rest)
+        return 0
+    from dlrun.config import closest
+
+    hint = closest(command, COMMANDS)
+    raise DlrunError(f"unknown command {command!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+                     + f": use one of {', '.join(COMMANDS)}")
+
+
+def complete(argv: list[str]) -> int:
+    """Shell completion: complete the command word here, hand the rest to Hydra with the
+    command removed from COMP_LINE (Hydra completes the words after the program name)."""
+    line = os.environ["COMP_LINE"]
+    point = int(os.environ.get("COMP_POINT", len(line)))
+    words = line[:point].split()
+    partial = len(words) < 2 or (len(words) == 2 and not line[:point].endswith(" "))
+    if partial:
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+        return 0
+    command = words[1]
+    if command not in HYDRA_COMMANDS:
+        return 0
+    start = line.index(command, len(words[0]))
+    end = start + len(command) + 1
+    os.environ["COMP_LINE"] = line[:start] + line[end:]
+    os.environ["COMP_POINT"] = str(max(0, point - (end - start)))
+    return run_hydra(command, argv)
+
+
+def run_hydra(command: str, args: list[str]) -> int:
+    """Run `command`'s task through Hydra, after checking the overrides ourselves."""
+    import hydra
+
+    from dlrun.config import configs_dir
+
+    config_name = HYDRA_COMMANDS[command][0]
+    if command == "train":
+        args = expand_resume(args)
+    if not any(a.split("=")[0] in NO_PREFLIGHT for a in args):
+        preflight(config_name, args)
+    sys.argv = ["dlrun"] + args
+    task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(
+        make_task(command)
+    )
+    task()
+    return 0
+
+
+def make_task(command: str) -> Any:
+    """The function Hydra calls once per job, with the composed config."""
+
+    def task(cfg: Any) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from dlrun.config import validate
+
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        with user_errors(exit_on_error=hc.mode != RunMode.MULTIRUN):
+            validate(cfg)
+            module = importlib.import_module("dlrun.train" if command == "train" else "dlrun.lr_find")
+            return module.main(cfg, run_dir)
+        return None
+
+    return task
+
+
+def expand_resume(args: list[str]) -> list[str]:
+    """`resume=RUN_DIR`: re-compose the run's own overrides (then any new ones) and
+    write into RUN_DIR itself, so the resumed run has the config it started with."""
+    resume = [a for a in args if a.startswith("resume=")]
+    if not resume:
+        return args
+    from omegaconf import OmegaConf
+
+    from dlrun import rundir
+
+    run_dir = rundir.existing_run(resume[-1].split("=", 1)[1], need=rundir.CHECKPOINT).resolve()
+    original = [o for o in OmegaConf.load(run_dir / rundir.OVERRIDES) if not o.startswith("resume=")]
+    return original + args + [f"hydra.run.dir={quote(str(run_dir))}"]
+
+
+def quote(value: str) -> str:
+    """A path as a Hydra override value."""
+    return value if all(c.isalnum() or c in "/._-" for c in value) else shlex.quote(value)
+
+
+# --- checking overrides before Hydra runs anything ---------------------------------
+
+
+def preflight(config_name: str, args: list[str]) -> None:
+    """Compose the config the way Hydra will, and turn a misspelt key, an unknown group
+    option or a bad value into one clear DlrunError. Sweeps are checked value by value."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed_args, _ = get_args_parser().parse_known_args(args)
+    try:
+        overrides = OverridesParser.create().parse_overrides(parsed_args.overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra's parse errors carry the explanation
+        raise DlrunError(f"cannot read the overrides: {first_line(e)}") from e
+    overrides = [o for o in overrides if not o.key_or_group.startswith("hydra")]
+    sweeps = [o for o in overrides if o.is_sweep_override()]
+    if sweeps and not parsed_args.multirun:
+        raise DlrunError(f"{sweeps[0].input_line} is a sweep: add -m to run one job per value "
+                         f"(dlrun {config_name.replace('_', '-')} -m ...)")
+    for job in job_variants(overrides):
+        check_job(config_name, job)
+
+
+def job_variants(overrides: list[Any]) -> list[list[Any]]:
+    """Jobs in which every swept value appears at least once: the first value of every
+    sweep, then each other value of each sweep in turn."""
+
+    def values(o: Any) -> list[str]:
+        if not o.is_sweep_override():
+            return [o.input_line]
+        try:
+            return [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        except Exception:  # noqa: BLE001 - glob sweeps and the like: Hydra checks them
+            return []
+
+    per_override = [values(o) for o in overrides]
+    first = [v[0] for v in per_override if v]
+    jobs = [first]
+    for i, vals in enumerate(per_override):
+        for v in vals[1:]:
+            job = list(first)
+            job[sum(1 for p in per_override[:i] if p)] = v
+            jobs.append(job)
+    return jobs
+
+
+def check_job(config_name: str, job: list[str]) -> None:
+    """Check one job's overrides: group options exist, keys exist, values are allowed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dlrun.config import GROUPS, closest, configs_dir, group_options, validate
+
+    parsed = OverridesParser.create().parse_overrides(job)
+    is_group = [o.key_or_group in GROUPS or "/" in o.key_or_group for o in parsed]
+    for o, group in zip(parsed, is_group):
+        value = o.value()
+        if group and isinstance(value, str) and o.key_or_group in GROUPS:
+            options = group_options(o.key_or_group)
+            if value not in options:
+                hint = closest(value, options)
+                raise DlrunError(f"{o.key_or_group}={value} is not a {o.key_or_group} config"
+                                 + (f" (did you mean {o.key_or_group}={hint}?)" if hint else "")
+                                 + f": use one of {', '.join(options)}")
+    with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="dlrun"):
+        groups_only = [s for s, g in zip(job, is_group) if g]
+        try:
+            base = compose(config_name, overrides=groups_only)
+        except Exception as e:  # noqa: BLE001 - Hydra's message says what is wrong
+            raise DlrunError(first_line(e)) from e
+        keys = flat_keys(base)
+        for o, group in zip(parsed, is_group):
+            if group or o.is_add() or o.is_force_add() or o.is_delete():
+                continue
+            key = o.key_or_group
+            if key not in keys and not any(k.startswith(key + ".") for k in keys):
+                hint = closest(key, keys)
+                raise DlrunError(f"{key} is not a config key" + (f" (did you mean {hint}?)" if hint else "")
+                                 + f"; `dlrun {config_name.replace('_', '-')} --cfg job` lists every key")
+        try:
+            cfg = compose(config_name, overrides=job)
+        except Exception as e:  # noqa: BLE001
+            raise DlrunError(first_line(e)) from e
+    validate(cfg)
+
+
+def flat_keys(cfg: Any, prefix: str = "") -> set[str]:
+    """Every dotted key path of a config (lists count as leaves)."""
+    keys = set()
+    for k, v in cfg.items():
+        path = f"{prefix}{k}"
+        keys.add(path)
+        if hasattr(v, "items"):
+            keys |= flat_keys(v, path + ".")
+    return keys
+
+
+def first_line(error: BaseException) -> str:
+    """Hydra's and OmegaConf's messages end with context lines a user does not need."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,444 @@
+"""Tabular data: a CSV table (or the bundled penguins table) as categorical codes and
+normalised continuous columns, whole on the training device.
+
+Processing follows the fast.ai course (Rossmann, Adult):
+- date columns (`data.date_names`) become parts (year, month, week, day, day of week,
+  day of year, month/quarter/year start and end) used as categories, and `elapsed`
+  (seconds since 1970) used as a number;
+- a missing number is filled with the training median and flagged in a `<col>_na`
+  categorical column;
+- every categorical column gets index 0 for a level never seen in training (`#unknown#`)
+  and, when training has missing values, a level of its own for them (`#na#`);
+- normalisation statistics and category levels come from the training rows only.
+
+x is `(cat LongTensor [N, n_cat], cont FloatTensor [N, n_cont])`; y holds class
+indices (classification) or the (optionally log) target (regression).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from dlrun.config import closest
+from dlrun.data import Data, TensorBatches
+from dlrun.errors import DlrunError
+from dlrun.metrics import Accuracy
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "#unknown#"  # index 0 of every categorical column: a level unseen in training
+MISSING = "#na#"  # a missing categorical value; a level of its own when training has one
+
+# Date parts used as categories; `<date>_elapsed` is added as a continuous column.
+DATE_PARTS = (
+    "year", "month", "week", "day", "dayofweek", "dayofyear",
+    "is_month_start", "is_month_end", "is_quarter_start", "is_quarter_end",
+    "is_year_start", "is_year_end",
+)  # fmt: skip
+
+# `task: auto` calls an integer target with at most this many values a class label.
+MAX_AUTO_CLASSES = 20
+
+
+# --- reading and checking the table ------------------------------------------
+
+
+def table_path(dcfg: Any) -> Path:
+    """The CSV file to read: `data.path`, or the copy a bundled data set ships with."""
+    if dcfg.get("bundled") == "penguins":
+        return Path(str(importlib.resources.files("palmerpenguins") / "data" / "penguins.csv"))
+    if not dcfg.get("path"):
+        raise DlrunError(
+            "data.path is not set: point it at your CSV file, e.g. "
+            "`dlrun train model=tabular data=csv data.path=table.csv data.y_name=target ...`"
+        )
+    path = Path(str(dcfg.path)).expanduser()
+    if not path.exists():
+        raise DlrunError(f"data.path={path} does not exist: check the path (relative to {Path.cwd()})")
+    if not path.is_file():
+        raise DlrunError(f"data.path={path} is not a file: data=csv reads one CSV table")
+    return path
+
+
+def read_table(dcfg: Any) -> pd.DataFrame:
+    """Read the table with the configured separator, header, column names and NA markers."""
+    path = table_path(dcfg)
+    sep = str(dcfg.get("sep", ","))
+    # ", " (UCI Adult) is a comma followed by spaces: read it as "," and skip the spaces,
+    # which keeps pandas' fast C parser (a multi-character separator forces the python one).
+    sep_char = sep.strip() or sep
+    header = bool(dcfg.get("header", True))
+    try:
+        df = pd.read_csv(
+            path, sep=sep_char, header=0 if header else None, skipinitialspace=True,
+            na_values=[str(v) for v in dcfg.get("na_values") or []],
+            skiprows=int(dcfg.get("skip_rows") or 0) or None,
+        )  # fmt: skip
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
+    names = dcfg.get("names")
+    if names:
+        names = [str(n) for n in names]
+        if len(names) != df.shape[1]:
+            raise DlrunError(
+                f"data.names lists {len(names)} columns but {path} has {df.shape[1]}: "
+                f"give one name per column (check data.sep={sep!r})"
+            )
+        df.columns = names
+    else:
+        df.columns = [str(c) for c in df.columns]
+    if df.empty:
+        raise DlrunError(f"{path} has no data rows")
+    return df
+
+
+def _names(dcfg: Any, key: str) -> list[str]:
+    return [str(n) for n in (dcfg.get(key) or [])]
+
+
+def check_columns(df: pd.DataFrame, dcfg: Any) -> None:
+    """Every configured column exists in the table, and plays one role only."""
+    roles = {
+        "data.y_name": [str(dcfg.y_name)] if dcfg.get("y_name") is not None else [],
+        "data.cat_names": _names(dcfg, "cat_names"),
+        "data.cont_names": _names(dcfg, "cont_names"),
+        "data.date_names": _names(dcfg, "date_names"),
+        "data.valid_by": [str(dcfg.valid_by)] if dcfg.get("valid_by") is not None else [],
+    }
+    if not roles["data.y_name"]:
+        raise DlrunError(f"data.y_name is not set: name the target column (one of {', '.join(df.columns)})")
+    for key, names in roles.items():
+        for name in names:
+            if name not in df.columns:
+                near = closest(name, df.columns)
+                hint = f" (did you mean {near!r}?)" if near else ""
+                raise DlrunError(
+                    f"{key}: column {name!r} is not in the table{hint}; its columns are: "
+                    f"{', '.join(df.columns)}"
+                )
+    seen: dict[str, str] = {}
+    for key in ("data.y_name", "data.cat_names", "data.cont_names", "data.date_names"):
+        for name in roles[key]:
+            if name in seen:
+                raise DlrunError(f"column {name!r} is listed in both {seen[name]} and {key}: keep it in one")
+            seen[name] = key
+    if not (roles["data.cat_names"] or roles["data.cont_names"] or roles["data.date_names"]):
+        raise DlrunError("no input columns: list some in data.cat_names, data.cont_names or data.date_names")
+
+
+def numbers(col: pd.Series, what: str) -> pd.Series:
+    """A column as float64; a value that is not a number is an error naming its row."""
+    num = pd.to_numeric(col, errors="coerce").astype("float64")
+    bad = num.isna() & col.notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DlrunError(
+            f"{what}: column {col.name!r} has the non-numeric value {col.iloc[row]!r} in data row {row + 1} "
+            f"(rows counted from 1 after the header): fix the value, mark it as missing with "
+            f"data.na_values, or list the column in data.cat_names"
+        )
+    return num
+
+
+def parse_dates(col: pd.Series) -> pd.Series:
+    """A column as datetimes; a value that is not a date is an error naming its row."""
+    dates = pd.to_datetime(col, errors="coerce")
+    bad = dates.isna() & col.notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DlrunError(
+            f"data.date_names: column {col.name!r} has {col.iloc[row]!r} in data row {row + 1}, "
+            f"which is not a date"
+        )
+    return dates
+
+
+def date_parts(dates: pd.Series, name: str) -> tuple[dict[str, pd.Series], dict[str, pd.Series]]:
+    """Split a datetime column into categorical parts and the continuous `elapsed` seconds."""
+    d = dates.dt
+    values = {
+        "year": d.year, "month": d.month, "week": d.isocalendar().week, "day": d.day,
+        "dayofweek": d.dayofweek, "dayofyear": d.dayofyear,
+        "is_month_start": d.is_month_start, "is_month_end": d.is_month_end,
+        "is_quarter_start": d.is_quarter_start, "is_quarter_end": d.is_quarter_end,
+        "is_year_start": d.is_year_start, "is_year_end": d.is_year_end,
+    }  # fmt: skip
+    cats = {f"{name}_{part}": values[part].astype("Int64") for part in DATE_PARTS}
+    epoch = pd.Timestamp("1970-01-01", tz=dates.dt.tz)
+    elapsed = (dates - epoch).dt.total_seconds()
+    return cats, {f"{name}_elapsed": elapsed}
+
+
+def split_mask(df: pd.DataFrame, dcfg: Any, dates: dict[str, pd.Series]) -> np.ndarray:
+    """Which rows are validation: a random `valid_pct`, the latest dates, or a flag column."""
+    n = len(df)
+    pct = float(dcfg.get("valid_pct", 0.2))
+    by = dcfg.get("valid_by")
+    if by is None:
+        # A fixed seed (data.split_seed, not the run's seed) keeps validation comparable across runs.
+        rng = np.random.default_rng(int(dcfg.get("split_seed", 42)))
+        mask = np.zeros(n, dtype=bool)
+        mask[rng.permutation(n)[: int(round(n * pct))]] = True
+        return mask
+    by = str(by)
+    if by in dates:
+        # Sales-like data: validation is the most recent period, whole days kept together.
+        known = dates[by].dropna().sort_values()
+        if known.empty:
+            raise DlrunError(f"data.valid_by={by!r}: the date column has no dates")
+        cutoff = known.iloc[min(len(known) - 1, int(len(known) * (1 - pct)))]
+        return (dates[by] >= cutoff).fillna(False).to_numpy(dtype=bool)
+    col = df[by]
+    if col.dtype == bool:
+        return col.to_numpy()
+    words = col.astype("string").str.strip().str.lower()
+    flags = words.map({"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False})
+    if flags.isna().any():
+        values = ", ".join(map(str, col.unique()[:6]))
+        raise DlrunError(
+            f"data.valid_by={by!r} must be a date column (listed in data.date_names) or a true/false "
+            f"column marking validation rows; it holds {values}"
+        )
+    return flags.to_numpy(dtype=bool)
+
+
+def resolve_task(y: pd.Series, dcfg: Any) -> str:
+    """`auto`: text or booleans, or integers with few values, are classes; other numbers regression."""
+    task = str(dcfg.get("task", "auto"))
+    if dcfg.get("log_y"):
+        if task == "classification":
+            raise DlrunError("data.log_y=true needs a regression target: set data.task=regression")
+        return "regression"
+    if task != "auto":
+        return task
+    if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
+        return "classification"
+    whole = bool((y == y.round()).all())
+    return "classification" if whole and y.nunique() <= MAX_AUTO_CLASSES else "regression"
+
+
+# --- fitting on training rows, applying to both splits -----------------------
+
+
+def as_levels(col: pd.Series) -> pd.Series:
+    """Category values as strings (`2007`, not `2007.0`, for whole numbers read as floats)."""
+    if pd.api.types.is_float_dtype(col) and bool((col.dropna() == col.dropna().round()).all()):
+        col = col.astype("Int64")
+    return col.astype("string")
+
+
+def fit_levels(train: pd.Series) -> list[str]:
+    """`#unknown#`, the training values in order (numeric order for numbers), `#na#` if training has gaps."""
+    values = pd.Series(train.dropna().unique(), dtype=train.dtype)
+    values = values.sort_values() if pd.api.types.is_numeric_dtype(values) else values
+    names = as_levels(values).tolist()
+    if not pd.api.types.is_numeric_dtype(values):
+        names = sorted(names)
+    return [UNKNOWN, *names] + ([MISSING] if train.isna().any() else [])
+
+
+def encode(col: pd.Series, levels: list[str]) -> np.ndarray:
+    """Level indices; unseen values (and gaps unseen in training) map to 0, `#unknown#`."""
+    codes = pd.Categorical(as_levels(col).fillna(MISSING), categories=levels).codes.astype(np.int64)
+    codes[codes < 0] = 0
+    return codes
+
+
+@dataclass
+class Table:
+    """The processed table, split, on the CPU: what the model, the loop and `dlrun embeddings` need."""
+
+    cat: np.ndarray  # int64 [N, n_cat]
+    cont: np.ndarray  # float32 [N, n_cont]
+    y: np.ndarray  # int64 class indices or float32 targets
+    is_valid: np.ndarray  # bool [N]
+    cat_names: list[str]
+    cont_names: list[str]
+    levels: dict[str, list[str]]
+    task: str
+    log_y: bool
+    classes: list[str] = field(default_factory=list)
+    y_name: str = ""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Train and valid arrays: cat_train, cont_train, y_train, cat_valid, cont_valid, y_valid."""
+        out = {}
+        for split, rows in (("train", ~self.is_valid), ("valid", self.is_valid)):
+            out[f"cat_{split}"], out[f"cont_{split}"], out[f"y_{split}"] = (
+                self.cat[rows], self.cont[rows], self.y[rows])
+        return out
+
+
+def process(df: pd.DataFrame, dcfg: Any) -> Table:
+    """Check, split and encode a raw table into a `Table` (statistics from training rows only)."""
+    check_columns(df, dcfg)
+    y_name = str(dcfg.y_name)
+    dates = {name: parse_dates(df[name]) for name in _names(dcfg, "date_names")}
+    is_valid = split_mask(df, dcfg, dates)
+    train = ~is_valid
+    if not train.any() or not is_valid.any():
+        raise DlrunError(
+            f"the split leaves {int(train.sum())} training and {int(is_valid.sum())} validation rows: "
+            f"change data.valid_pct or data.valid_by"
+        )
+
+    cats: dict[str, pd.Series] = {name: df[name] for name in _names(dcfg, "cat_names")}
+    conts: dict[str, pd.Series] = {
+        name: numbers(df[name], "data.cont_names") for name in _names(dcfg, "cont_names")
+    }
+    for name, d in dates.items():
+        parts, elapsed = date_parts(d, name)
+        cats.update(parts)
+        conts.update(elapsed)
+
+    # Numbers: fill gaps with the training median, flag them, standardise with training statistics.
+    cont_cols, cont_names = [], []
+    for name, col in conts.items():
+        gaps = col.isna()
+        median = col[train].median()
+        filled = col.fillna(0.0 if pd.isna(median) else median).to_numpy(dtype=np.float64)
+        if gaps.any():
+            cats[f"{name}_na"] = gaps
+        mean, std = filled[train].mean(), filled[train].std()
+        cont_cols.append((filled - mean) / (std if std > 0 else 1.0))
+        cont_names.append(name)
+
+    levels, codes = {}, []
+    n_train = int(train.sum())
+    for name, col in cats.items():
+        levels[name] = fit_levels(col[train])
+        if n_train > 1 and col[train].nunique() >= n_train:
+            log.warning(
+                f"categorical column {name!r} has a different value in every training row "
+                f"({n_train}): an embedding cannot learn from it; it looks like an id (drop it) "
+                f"or a number (move it to data.cont_names)"
+            )
+        codes.append(encode(col, levels[name]))
+
+    y_raw = df[y_name]
+    if y_raw.isna().any():
+        rows = np.flatnonzero(y_raw.isna().to_numpy())
+        raise DlrunError(
+            f"the target data.y_name={y_name!r} is missing in {len(rows)} rows (first: data row {rows[0] + 1}): "
+            f"drop those rows from the file or fill them in"
+        )
+    task = resolve_task(y_raw, dcfg)
+    classes: list[str] = []
+    if task == "classification":
+        # Classes from all rows: a class seen only in validation still gets an output.
+        classes = fit_levels(y_raw)[1:]
+        y = pd.Categorical(as_levels(y_raw), categories=classes).codes.astype(np.int64)
+    else:
+        y = numbers(y_raw, "data.y_name").to_numpy()
+        if dcfg.get("log_y"):
+            if (y <= 0).any():
+                row = int(np.flatnonzero(y <= 0)[0])
+                raise DlrunError(
+                    f"data.log_y=true needs a positive target, but {y_name!r} is {y[row]:g} in data row "
+                    f"{row + 1}: drop such rows or set data.log_y=false"
+                )
+            y = np.log(y)
+        y = y.astype(np.float32)
+
+    n = len(df)
+    return Table(
+        cat=np.stack(codes, 1) if codes else np.zeros((n, 0), np.int64),
+        cont=np.stack(cont_cols, 1).astype(np.float32) if cont_cols else np.zeros((n, 0), np.float32),
+        y=y, is_valid=is_valid, cat_names=list(cats), cont_names=cont_names, levels=levels,
+        task=task, log_y=bool(dcfg.get("log_y")), classes=classes, y_name=y_name,
+    )  # fmt: skip
+
+
+def load_table(dcfg: Any) -> Table:
+    """Read and process the table a data config describes."""
+    return process(read_table(dcfg), dcfg)
+
+
+# --- loss, metrics, build ----------------------------------------------------
+
+
+def mse_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a one-output regression head against the (log) target."""
+    return F.mse_loss(out.squeeze(-1).float(), y)
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.float(), y)
+
+
+class Metrics:
+    """Regression metrics on the original scale (exp of the prediction with `data.log_y`):
+    rmse, mae, and rmspe (root mean squared percentage error, Rossmann's metric) when every
+    validation target is positive. rmspe picks the best epoch with a log target, rmse otherwise."""
+
+    def __init__(self, log_y: bool, percent: bool):
+        self.log_y, self.percent = log_y, percent
+        self.monitor = "rmspe" if log_y else "rmse"
+        self.sq: Any = 0.0
+        self.abs: Any = 0.0
+        self.pct: Any = 0.0
+        self.n = 0
+
+    def update(self, out: Any, y: Any) -> None:
+        pred, targ = out.detach().squeeze(-1).float(), y.float()
+        if self.log_y:
+            pred, targ = pred.exp(), targ.exp()
+        err = pred - targ
+        self.sq = self.sq + err.square().sum()
+        self.abs = self.abs + err.abs().sum()
+        if self.percent:
+            self.pct = self.pct + (err / targ).square().sum()
+        self.n += y.numel()
+
+    def compute(self, valid_loss: float) -> dict[str, float]:
+        n = max(self.n, 1)
+        out = {"rmse": (float(self.sq) / n) ** 0.5, "mae": float(self.abs) / n}
+        if self.percent:
+            out["rmspe"] = (float(self.pct) / n) ** 0.5
+        return out
+
+
+def build(cfg: Any, device: torch.device) -> Data:
+    """The `Data` for a tabular data config: whole tensors on `device`, x = (cat, cont)."""
+    table = load_table(cfg.data)
+    a = table.arrays()
+
+    def tensors(split: str) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        x = (torch.from_numpy(a[f"cat_{split}"]).to(device), torch.from_numpy(a[f"cont_{split}"]).to(device))
+        return x, torch.from_numpy(a[f"y_{split}"]).to(device)
+
+    bs = int(cfg.data.bs)
+    # drop_last: a last batch of one row would break BatchNorm in training.
+    train = TensorBatches(*tensors("train"), bs, shuffle=True, seed=int(cfg.get("seed", 0)),
+                          drop_last=True, split="train")
+    valid = TensorBatches(*tensors("valid"), bs, shuffle=False, split="valid")
+
+    if table.task == "classification":
+        loss, metrics = cross_entropy, Accuracy
+        n_out = len(table.classes)
+    else:
+        loss, n_out = mse_loss, 1
+        y_valid = np.exp(a["y_valid"]) if table.log_y else a["y_valid"]
+        percent = bool((y_valid > 0).all())
+        metrics = lambda: Metrics(table.log_y, percent)
+    info = {
+        "task": table.task,
+        "n_out": n_out,
+        "classes": table.classes,
+        "log_y": table.log_y,
+        "cat_names": table.cat_names,
+        "cont_names": table.cont_names,
+        "n_levels": [len(table.levels[name]) for name in table.cat_names],
+        "levels": table.levels,
+        "arrays": table.arrays,  # processed train/valid numpy arrays (for `dlrun embeddings`)
+    }
+    return Data(train=train, valid=valid, loss=loss, metrics=metrics, info=info)

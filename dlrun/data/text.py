@@ -1,0 +1,308 @@
+"""Text for language models: a token stream cut into `bs` rows, read in BPTT windows.
+
+As in the fast.ai course (lesson 7) and AWD-LSTM: the training stream is cut
+into `data.bs` contiguous rows, and each mini-batch is the next window of
+`data.bptt` tokens of every row, so row r of batch i+1 continues row r of batch
+i and the model's hidden state can carry from one window to the next.
+Validation reads its own stream the same way, statefully, from start to end.
+
+Corpus: `data.path` (a `.txt` file, or a folder with `train.txt` and
+`valid.txt`), or the bundled `pydoc_data.topics` (Python's documentation prose,
+about 460 KB) when `data.bundled` names it. Tokens: characters, or words with
+a vocabulary cut by `data.min_freq` / `data.max_vocab` and an unknown token.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dlrun.data import Data
+from dlrun.errors import DlrunError
+from dlrun.metrics import perplexity
+
+UNK = "<unk>"  # stands for every token the training text did not have (or the vocabulary cut)
+EOS = "<eos>"  # end of a line, for word tokens (as in WikiText)
+VOCAB_FILE = "vocab.json"
+BUNDLED = ("pydoc_data.topics",)
+
+# Words and single punctuation marks: "don't stop." -> don ' t stop .
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+# --- corpus ------------------------------------------------------------------
+
+
+def _read(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DlrunError(f"cannot read {path}: not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+    except OSError as e:
+        raise DlrunError(f"cannot read {path}: {e.strerror}") from None
+    if not text.strip():
+        raise DlrunError(f"the corpus {path} is empty: point data.path at a text file with some text in it")
+    return text
+
+
+def _bundled(name: str) -> str:
+    """The bundled corpus: every pydoc topic's prose, in the module's (fixed) order."""
+    if name not in BUNDLED:
+        raise DlrunError(f"data.bundled={name!r} is not a bundled corpus: use one of {', '.join(BUNDLED)}")
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[key] for key in topics)
+
+
+def read_corpus(data_cfg: Any) -> tuple[str, str | None]:
+    """(train text, valid text or None when the validation part is split off the end)."""
+    if data_cfg.path is None:
+        if data_cfg.bundled is None:
+            raise DlrunError("data=text needs a corpus: set data.path=FILE.txt (or a folder with "
+                             "train.txt and valid.txt), or use the bundled one with data=pydoc")
+        return _bundled(data_cfg.bundled), None
+    path = Path(str(data_cfg.path)).expanduser()
+    if path.is_dir():
+        train, valid = path / "train.txt", path / "valid.txt"
+        if not train.is_file():
+            raise DlrunError(f"data.path={path} is a folder without train.txt: put the training text in "
+                             f"{train} (and the validation text in {valid}), or point data.path at one file")
+        return _read(train), (_read(valid) if valid.is_file() else None)
+    if not path.exists():
+        raise DlrunError(f"data.path={path} does not exist: point it at a .txt file or a folder "
+                         "with train.txt and valid.txt")
+    return _read(path), None
+
+
+def tokenize(text: str, tokens: str) -> list[str]:
+    """Characters, or words and punctuation with an end-of-line token after each line."""
+    if tokens == "char":
+        return list(text)
+    out: list[str] = []
+    for line in text.splitlines():
+        words = _WORD.findall(line)
+        if words:
+            out.extend(words)
+            out.append(EOS)
+    return out
+
+
+def detokenize(words: list[str], tokens: str) -> str:
+    """Text a person can read back from tokens (word tokens are joined with spaces)."""
+    if tokens == "char":
+        return "".join("\ufffd" if w == UNK else w for w in words)
+    return " ".join(words).replace(f" {EOS} ", "\n").replace(EOS, "\n")
+
+
+# --- vocabulary --------------------------------------------------------------
+
+
+@dataclass
+class Vocab:
+    """Token <-> index. Index 0 is the unknown token."""
+
+    itos: list[str]
+    tokens: str  # char | word
+
+    def __post_init__(self) -> None:
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    @classmethod
+    def build(cls, train: list[str], tokens: str, min_freq: int, max_vocab: int | None) -> "Vocab":
+        """Most frequent first (ties in order of first appearance), cut by count and frequency."""
+        counts = collections.Counter(train)
+        kept = [t for t, n in counts.most_common(max_vocab) if n >= min_freq and t != UNK]
+        if tokens == "char":
+            kept.sort()  # a stable, readable order for characters
+        return cls([UNK, *kept], tokens)
+
+    def encode(self, toks: list[str]) -> torch.Tensor:
+        return torch.tensor([self.stoi.get(t, 0) for t in toks], dtype=torch.long)
+
+    def decode(self, ids: list[int]) -> str:
+        return detokenize([self.itos[i] for i in ids], self.tokens)
+
+    def save(self, run_dir: Path) -> None:
+        path = Path(run_dir) / VOCAB_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tokens": self.tokens, "itos": self.itos}, ensure_ascii=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Vocab":
+        path = Path(run_dir) / VOCAB_FILE
+        if not path.is_file():
+            raise DlrunError(f"{path} is missing: RUN_DIR must be the directory of a text run")
+        doc = json.loads(path.read_text())
+        return cls(doc["itos"], doc["tokens"])
+
+
+# --- batches -----------------------------------------------------------------
+
+
+def window_lengths(n: int, bptt: int, generator: torch.Generator | None) -> list[int]:
+    """Lengths of the windows that tile `n` positions of a row.
+
+    Fixed: `bptt` each, the last one shorter. Variable (a generator given), as
+    AWD-LSTM draws them: bptt with probability 0.95, else bptt/2, then normal
+    with sd 5, at least 5. Unlike AWD-LSTM we draw as many windows as fixed
+    windows would be, and stretch them to tile the row exactly: every epoch has
+    the same number of steps (the schedule counts on it) and no token is lost.
+    """
+    count = math.ceil(n / bptt)
+    if generator is None or count == 1:
+        return [min(bptt, n - i * bptt) for i in range(count)]
+    u = torch.rand(count, generator=generator, dtype=torch.float64)
+    mean = torch.where(u < 0.95, float(bptt), bptt / 2)
+    raw = (mean + 5 * torch.randn(count, generator=generator, dtype=torch.float64)).clamp_min(5)
+    ends = torch.round(raw.cumsum(0) * (n / raw.sum())).long().tolist()
+    lengths, start = [], 0
+    for i, end in enumerate(ends):
+        # Every window keeps at least one token, and the last one ends at n.
+        end = n if i == count - 1 else min(max(end, start + 1), n - (count - 1 - i))
+        lengths.append(end - start)
+        start = end
+    return lengths
+
+
+class StreamBatches:
+    """A token stream as `bs` contiguous rows, read in windows of about `bptt` tokens.
+
+    Row r holds tokens [r*L, (r+1)*L) as inputs and the same shifted by one as
+    targets, so the inputs of all windows tile the first bs*L tokens exactly.
+    """
+
+    def __init__(self, stream: torch.Tensor, bs: int, bptt: int, split: str,
+                 variable: bool = False, seed: int = 0):
+        self.row_len = (len(stream) - 1) // bs
+        if self.row_len < 1:
+            raise DlrunError(
+                f"the {split} text has {len(stream)} tokens, too few for data.bs={bs} rows: "
+                f"use a longer corpus or a smaller data.bs"
+            )
+        n = bs * self.row_len
+        self.x = stream[:n].view(bs, self.row_len)
+        self.y = stream[1 : n + 1].view(bs, self.row_len)
+        self.bs, self.bptt, self.variable, self.seed = bs, bptt, variable, seed
+
+    def __len__(self) -> int:
+        return math.ceil(self.row_len / self.bptt)
+
+    def windows(self, epoch: int) -> list[int]:
+        """The window lengths of `epoch` (variable ones replay exactly for the same seed and epoch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch) if self.variable else None
+        return window_lengths(self.row_len, self.bptt, g)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pos = 0
+        for i, length in enumerate(self.windows(epoch)):
+            if i >= start:
+                yield self.x[:, pos : pos + length], self.y[:, pos : pos + length]
+            pos += length
+
+
+# --- loss and metrics --------------------------------------------------------
+
+
+def lm_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per token. In training the model returns (logits, penalty):
+    the AR/TAR penalty is added to the gradient but not to the reported value
+    (penalty - penalty.detach() is zero), so the train loss stays comparable to the valid loss."""
+    logits, penalty = out if isinstance(out, tuple) else (out, None)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    if penalty is not None:
+        loss = loss + (penalty - penalty.detach())
+    return loss
+
+
+class LanguageModelMetrics:
+    """Perplexity (exp of the mean loss per token) and, for characters, bits per character."""
+
+    monitor = "perplexity"
+
+    def __init__(self, chars: bool):
+        self.chars = chars
+
+    def update(self, out: Any, y: Any) -> None:
+        pass  # both follow from the validation loss
+
+    def compute(self, valid_loss: float) -> dict[str, float]:
+        result = {"perplexity": perplexity(valid_loss)}
+        if self.chars:
+            result["bpc"] = valid_loss / math.log(2)
+        return result
+
+
+def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> float:
+    """The baseline a language model must beat: perplexity of training-set token frequencies
+    (add-one smoothed) on the validation tokens."""
+    counts = torch.bincount(train.cpu(), minlength=vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    return math.exp(-logp[valid.cpu()].mean().item())
+
+
+# --- build -------------------------------------------------------------------
+
+
+def data_for_vocab(vocab: Vocab, train: Any = None, valid: Any = None, **info: Any) -> Data:
+    """The Data bundle of a vocabulary; `dlrun generate` builds the model from it without the corpus."""
+    return Data(
+        train=train,
+        valid=valid,
+        loss=lm_loss,
+        metrics=lambda: LanguageModelMetrics(chars=vocab.tokens == "char"),
+        info={"vocab_size": len(vocab), "tokens": vocab.tokens, **info},
+        save=vocab.save,
+    )
+
+
+def build(cfg: Any, device: torch.device) -> Data:
+    """Read, tokenize and batch the corpus named by `cfg.data`."""
+    d = cfg.data
+    train_text, valid_text = read_corpus(d)
+    train_toks = tokenize(train_text, d.tokens)
+    if valid_text is None:
+        cut = len(train_toks) - max(1, int(len(train_toks) * d.valid_pct))
+        train_toks, valid_toks = train_toks[:cut], train_toks[cut:]
+    else:
+        valid_toks = tokenize(valid_text, d.tokens)
+    need = d.bs * d.bptt + 1
+    if len(train_toks) < need:
+        raise DlrunError(
+            f"the training text has {len(train_toks)} {d.tokens} tokens, fewer than data.bs * data.bptt + 1 "
+            f"= {d.bs} * {d.bptt} + 1 = {need}: use a longer corpus, or a smaller data.bs or data.bptt"
+        )
+    vocab = Vocab.build(train_toks, d.tokens, d.min_freq, d.max_vocab)
+    train_ids, valid_ids = vocab.encode(train_toks), vocab.encode(valid_toks)
+    if len(valid_ids) < d.bs + 1:
+        raise DlrunError(
+            f"the validation text has {len(valid_ids)} tokens, too few for data.bs={d.bs} rows: "
+            f"use a longer valid.txt, a larger data.valid_pct, or a smaller data.bs"
+        )
+    train = StreamBatches(train_ids.to(device), d.bs, d.bptt, "training", d.variable_bptt, cfg.seed)
+    valid = StreamBatches(valid_ids.to(device), d.bs, d.bptt, "validation")
+    data = data_for_vocab(
+        vocab,
+        train,
+        valid,
+        train_tokens=len(train_ids),
+        valid_tokens=len(valid_ids),
+        unigram_perplexity=unigram_perplexity(train_ids, valid_ids, len(vocab)),
+    )
+    if d.variable_bptt:
+        # A shorter window has fewer tokens behind its mean loss: AWD-LSTM scales the lr by length/bptt.
+        bptt = int(d.bptt)
+        data.lr_scale = lambda x: x.shape[1] / bptt
+    return data

@@ -1,0 +1,106 @@
+"""The tabular entity-embedding net (Guo & Berkhahn 2016, as taught in the fast.ai course).
+
+Each categorical column gets its own embedding; the embeddings (after dropout) and the
+batch-normalised continuous columns are concatenated and fed through Linear-ReLU-BatchNorm-
+Dropout blocks to a linear head. A regression head can be squashed into `model.y_range`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dlrun.errors import DlrunError
+
+
+def emb_size(n_levels: int) -> int:
+    """Embedding width for a column with `n_levels` levels (the unknown index included):
+    fastai's rule of thumb, min(600, round(1.6 * n_levels**0.56))."""
+    return min(600, round(1.6 * n_levels**0.56))
+
+
+class TabularNet(nn.Module):
+    """Embeddings + continuous inputs -> [Linear, ReLU, BatchNorm, Dropout] * len(layers) -> Linear."""
+
+    def __init__(self, n_levels: list[int], emb_szs: list[int], n_cont: int, layers: list[int],
+                 dropout: list[float], emb_dropout: float, n_out: int,
+                 y_range: tuple[float, float] | None = None):
+        super().__init__()
+        self.embeds = nn.ModuleList(nn.Embedding(n, s) for n, s in zip(n_levels, emb_szs))
+        for e in self.embeds:
+            # fastai's init: small vectors, so that a fresh embedding does not swamp the
+            # standardised continuous inputs.
+            nn.init.trunc_normal_(e.weight, std=0.01)
+        self.emb_drop = nn.Dropout(emb_dropout)
+        self.bn_cont = nn.BatchNorm1d(n_cont) if n_cont else None
+        blocks: list[nn.Module] = []
+        n_in = sum(emb_szs) + n_cont
+        for width, p in zip(layers, dropout):
+            blocks += [nn.Linear(n_in, width), nn.ReLU(inplace=True), nn.BatchNorm1d(width), nn.Dropout(p)]
+            n_in = width
+        self.layers = nn.Sequential(*blocks)
+        self.head = nn.Linear(n_in, n_out)
+        self.y_range = y_range
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cat, cont = x
+        parts = []
+        if len(self.embeds):
+            parts.append(self.emb_drop(torch.cat([e(cat[:, i]) for i, e in enumerate(self.embeds)], 1)))
+        if self.bn_cont is not None:
+            parts.append(self.bn_cont(cont))
+        out = self.head(self.layers(torch.cat(parts, 1)))
+        if self.y_range is not None:
+            lo, hi = self.y_range
+            out = lo + (hi - lo) * torch.sigmoid(out)
+        return out
+
+
+def embedding_sizes(info: dict[str, Any], overrides: dict[str, int]) -> list[int]:
+    """One width per categorical column: the rule, or `model.emb_szs.<column>`."""
+    unknown = sorted(set(overrides) - set(info["cat_names"]))
+    if unknown:
+        raise DlrunError(
+            f"model.emb_szs names {', '.join(unknown)}, which are not categorical columns; "
+            f"the categorical columns are: {', '.join(info['cat_names']) or '(none)'}"
+        )
+    return [int(overrides.get(name, emb_size(n))) for name, n in zip(info["cat_names"], info["n_levels"])]
+
+
+def layer_dropout(dropout: Any, layers: list[int]) -> list[float]:
+    """`regularization.dropout` as one probability per hidden layer (a single value applies to all)."""
+    if isinstance(dropout, (int, float)):
+        return [float(dropout)] * len(layers)
+    dropout = [float(p) for p in dropout]
+    if len(dropout) != len(layers):
+        raise DlrunError(
+            f"regularization.dropout lists {len(dropout)} values for {len(layers)} layers "
+            f"(model.layers={layers}): give one value, or one per layer"
+        )
+    return dropout
+
+
+def build(cfg: Any, data: Any) -> nn.Module:
+    """The tabular net for `data.info` (categorical levels, continuous columns, outputs)."""
+    info, m, reg = data.info, cfg.model, cfg.regularization
+    layers = [int(w) for w in m.layers]
+    y_range = None
+    if m.get("y_range") is not None:
+        if info["task"] != "regression":
+            raise DlrunError("model.y_range applies to regression only: set model.y_range=null")
+        y_range = tuple(float(v) for v in m.y_range)
+        if len(y_range) != 2 or not y_range[0] < y_range[1]:
+            raise DlrunError(f"model.y_range={list(m.y_range)} must be [low, high] with low < high")
+    overrides = {str(k): int(v) for k, v in (m.get("emb_szs") or {}).items()}
+    return TabularNet(
+        n_levels=info["n_levels"],
+        emb_szs=embedding_sizes(info, overrides),
+        n_cont=len(info["cont_names"]),
+        layers=layers,
+        dropout=layer_dropout(reg.dropout, layers),
+        emb_dropout=float(reg.get("emb_dropout", 0.0)),
+        n_out=info["n_out"],
+        y_range=y_range,
+    )

@@ -1,0 +1,83 @@
+"""The run directory: what each file is called, atomic writes, and reading a past run.
+
+Light on purpose (no torch at import): `dlrun runs` and the CLI use it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from dlrun.errors import DlrunError
+
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+LOSS_PLOT = "loss.png"
+CONFIG = Path(".hydra") / "config.yaml"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write through `write(file)` into a temporary file beside `path`, then rename it
+    over `path`: a crash or Ctrl-C mid-write never leaves a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; runs are not
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON."""
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2, allow_nan=True))
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of a run's metrics.csv as numbers (an empty list if there is none)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def existing_run(run_dir: str | Path, need: str = SUMMARY) -> Path:
+    """`run_dir` as a Path, or a user error saying why it is not a dlrun run directory."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise DlrunError(f"run directory {run_dir} does not exist: give a directory under outputs/")
+    if not (path / CONFIG).is_file():
+        raise DlrunError(f"{run_dir} is not a dlrun run directory (no {CONFIG}): give a directory "
+                         "that `dlrun train` wrote")
+    if need and not (path / need).is_file():
+        raise DlrunError(f"{run_dir} has no {need}: the run did not get far enough to write it")
+    return path
+
+
+def load_config(run_dir: Path) -> Any:
+    """The composed config a run was started with."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(Path(run_dir) / CONFIG)
