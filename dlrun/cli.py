@@ -69,7 +69,7 @@ def user_errors(exit_on_error: bool = True) -> Iterator[None]:
             raise
         from rich.console import Console
 
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {e}")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {e}")
         if exit_on_error:
             sys.exit(2)
 

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def fmt(value: Any) -> str:
@@ -97,3 +97,33 @@ def plot_losses(rows: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def text_curve(xs: Sequence[float], ys: Sequence[float], marks: dict[str, float],
+               width: int = 60, height: int = 12) -> str:
+    """A loss-vs-lr curve drawn with characters (log-x), suggestions marked below it."""
+    points = [(math.log10(x), y) for x, y in zip(xs, ys) if x > 0 and math.isfinite(y)]
+    if len(points) < 2:
+        return "(too few points to draw)"
+    lx = [p[0] for p in points]
+    lo_x, hi_x = min(lx), max(lx)
+    lo_y = min(p[1] for p in points)
+    hi_y = min(max(p[1] for p in points), points[0][1] * 1.5 if points[0][1] > lo_y else math.inf)
+    hi_y = hi_y if hi_y > lo_y else lo_y + 1e-9
+    grid = [[" "] * width for _ in range(height)]
+    for x, y in points:
+        col = round((x - lo_x) / (hi_x - lo_x or 1) * (width - 1))
+        row = height - 1 - round((min(y, hi_y) - lo_y) / (hi_y - lo_y) * (height - 1))
+        grid[row][col] = "•" if y <= hi_y else "^"
+    lines = [" " * 9 + " |" + "".join(row) for row in grid]
+    lines[0] = f"{hi_y:9.3g} |" + "".join(grid[0])
+    lines[-1] = f"{lo_y:9.3g} |" + "".join(grid[-1])
+    axis = [" "] * width
+    for name, lr in marks.items():
+        col = round((math.log10(lr) - lo_x) / (hi_x - lo_x or 1) * (width - 1))
+        axis[min(max(col, 0), width - 1)] = name[0]
+    lines.append(" " * 10 + "+" + "-" * width)
+    lines.append(" " * 11 + "".join(axis))
+    lines.append(f"{'':11}{10 ** lo_x:<.0e}{'learning rate (log)':^{width - 10}}{10 ** hi_x:>.0e}")
+    lines.append(f"{'':11}marks: m = minimum, s = steep, v = valley")
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""`dlrun eval RUN_DIR`: the validation metrics of a saved run's best weights."""
+
+from __future__ import annotations
+
+import argparse
+
+from dlrun import report, rundir
+
+
+def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = None) -> dict[str, float]:
+    """Rebuild the run's data and model from its saved config, load `weights`, and
+    return the validation metrics."""
+    import torch
+
+    from dlrun.train import evaluate, prepare
+
+    path = rundir.existing_run(run_dir, need=weights)
+    cfg = rundir.load_config(path)
+    cfg.optimizer.lr = 1e-3 if cfg.optimizer.lr == "find" else cfg.optimizer.lr
+    if device:
+        cfg.trainer.device = device
+    learner = prepare(cfg)
+    state = torch.load(path / weights, map_location=learner.device, weights_only=True)
+    learner.model.load_state_dict(state["model"])
+    metrics, _ = evaluate(learner)
+    return metrics
+
+
+def main(argv: list[str]) -> None:
+    """`dlrun eval RUN_DIR [--weights last] [--device cpu]`."""
+    parser = argparse.ArgumentParser(prog="dlrun eval", description="Validation metrics of a saved run.")
+    parser.add_argument("run_dir", help="a run directory written by dlrun train")
+    parser.add_argument("--weights", choices=["best", "last"], default="best",
+                        help="best.pt (default) or the last checkpoint.pt")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    args = parser.parse_args(argv)
+    weights = rundir.BEST if args.weights == "best" else rundir.CHECKPOINT
+    metrics = evaluate_run(args.run_dir, weights, args.device)
+    report.console.print(report.table(f"{args.run_dir} ({weights})", list(metrics), [list(metrics.values())]))

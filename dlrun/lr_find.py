@@ -1,0 +1,226 @@
+"""The learning-rate range test (Smith 2015, as fastai's `lr_find`).
+
+Train from `start_lr` to `end_lr` on an exponential schedule, one mini-batch per rate,
+with the run's own loss, regularization, precision and clipping (`train.train_step`);
+watch a smoothed loss; stop when it blows up; put everything back as it was; suggest
+a rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from dlrun import report, rundir
+from dlrun.train import Learner, prepare, reset_state, train_step
+
+SUGGESTIONS = ("minimum", "steep", "valley")
+
+
+# --- the suggestion rules: plain arithmetic on the recorded curve ---------------------
+
+
+def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """The course's rule: the lr at the lowest loss, then back one order of magnitude
+    (at the minimum the loss is about to blow up; a tenth of it still descends fast)."""
+    return float(lrs[int(np.argmin(losses))] / 10)
+
+
+def suggest_steep(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """The lr where the loss falls fastest against log(lr)."""
+    slopes = np.gradient(losses, np.log(lrs))
+    return float(lrs[int(np.argmin(slopes))])
+
+
+def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """fastai's valley rule: find the longest descending subsequence of the loss (each
+    point lower than the one before it in the subsequence) and take the lr halfway
+    along it -- past the noisy start, well before the cliff."""
+    n = len(losses)
+    length = [1] * n  # length of the longest descent ending at point i
+    first = list(range(n))  # where that descent starts
+    end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and length[j] + 1 > length[i]:
+                length[i], first[i] = length[j] + 1, first[j]
+        if length[i] > length[end]:
+            end = i
+    start = first[end]
+    return float(lrs[start + (end - start) // 2])
+
+
+def suggestions(lrs: list[float], smoothed: list[float], num_it: int) -> dict[str, float]:
+    """All three suggestions, skipping the first num_it//10 and the last 5 points
+    (the start is noise around the initial loss, the end is the blow-up)."""
+    skip_start, skip_end = num_it // 10, 5
+    if len(lrs) - skip_start - skip_end < 3:  # stopped very early: keep what there is
+        skip_start, skip_end = 0, min(skip_end, max(0, len(lrs) - 3))
+    end = len(lrs) - skip_end
+    x = np.asarray(lrs[skip_start:end], dtype=float)
+    y = np.asarray(smoothed[skip_start:end], dtype=float)
+    finite = np.isfinite(y)
+    x, y = x[finite], y[finite]
+    if len(x) < 2:
+        return {name: float(lrs[0]) for name in SUGGESTIONS}
+    return {"minimum": suggest_minimum(x, y), "steep": suggest_steep(x, y), "valley": suggest_valley(x, y)}
+
+
+# --- the range test ---------------------------------------------------------------
+
+
+class Snapshot:
+    """Model (parameters and buffers such as batch-norm statistics), optimizer, grad
+    scaler and every RNG, copied so that they can be put back exactly."""
+
+    def __init__(self, learner: Learner):
+        self.model = copy.deepcopy(learner.model.state_dict())
+        self.optimizer = copy.deepcopy(learner.optimizer.state_dict())
+        self.scaler = copy.deepcopy(learner.scaler.state_dict()) if learner.scaler is not None else None
+        self.training = learner.model.training
+        self.rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        self.cuda_rng = torch.cuda.get_rng_state_all() if learner.device.type == "cuda" else None
+
+    def restore(self, learner: Learner) -> None:
+        learner.model.load_state_dict(self.model)
+        learner.optimizer.load_state_dict(self.optimizer)
+        if self.scaler is not None:
+            learner.scaler.load_state_dict(self.scaler)
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.model.train(self.training)
+        reset_state(learner.model)
+        torch.set_rng_state(self.rng[0])
+        random.setstate(self.rng[1])
+        np.random.set_state(self.rng[2])
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def batches(learner: Learner, limit: int | None) -> Any:
+    """Training batches without end: epoch after epoch (each at most `limit` batches)."""
+    epoch = 0
+    while True:
+        for i, batch in enumerate(learner.data.train.epoch(epoch)):
+            if limit is not None and i >= limit:
+                break
+            yield batch
+        epoch += 1
+
+
+def range_test(learner: Learner, start_lr: float, end_lr: float, num_it: int, beta: float = 0.98,
+               stop_div: float = 4.0, limit: int | None = None) -> dict[str, Any]:
+    """Train one batch per lr from start_lr to end_lr (exponential steps), record the
+    raw and smoothed loss, stop early when the smoothed loss exceeds stop_div times its
+    best or is not finite, and restore the learner exactly as it was."""
+    num_it = max(6, num_it)
+    snapshot = Snapshot(learner)
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    avg, best, stopped_early = 0.0, math.inf, False
+    learner.model.train()
+    reset_state(learner.model)
+    data = learner.data
+    try:
+        for i, (x, y) in zip(range(num_it), batches(learner, limit)):
+            lr = start_lr * (end_lr / start_lr) ** (i / (num_it - 1))
+            scaled = lr * data.lr_scale(x) if data.lr_scale is not None else lr
+            loss = train_step(learner, x, y, scaled, None).item()
+            # Debiased exponential moving average: early values are not pulled to zero.
+            avg = beta * avg + (1 - beta) * loss
+            smooth = avg / (1 - beta ** (i + 1))
+            lrs.append(lr)
+            losses.append(loss)
+            smoothed.append(smooth)
+            if not math.isfinite(smooth) or smooth > stop_div * best:
+                stopped_early = i < num_it - 1
+                break
+            best = min(best, smooth)
+    finally:
+        snapshot.restore(learner)
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped_early": stopped_early,
+            "num_it": num_it, "suggestions": suggestions(lrs, smoothed, num_it)}
+
+
+def lr_find(cfg: DictConfig, learner: Learner, run_dir: Path) -> dict[str, Any]:
+    """Run the range test for `cfg`, write lr_find.csv/.json/.png into run_dir, show the
+    curve, and return the result with `lr`, the suggestion `lr_find.suggest` picks."""
+    lf = cfg.lr_find
+    result = range_test(learner, float(lf.start_lr), float(lf.end_lr), int(lf.num_it), float(lf.beta),
+                        float(lf.stop_div), cfg.trainer.limit_batches)
+    result["suggest"] = lf.suggest
+    result["lr"] = result["suggestions"][lf.suggest]
+    save(result, run_dir)
+    show(result)
+    return result
+
+
+def save(result: dict[str, Any], run_dir: Path) -> None:
+    """lr_find.csv (lr, loss, smoothed_loss), lr_find.json, lr_find.png."""
+
+    def write_csv(f: Any) -> None:
+        w = csv.writer(f)
+        w.writerow(["lr", "loss", "smoothed_loss"])
+        w.writerows(zip(result["lrs"], result["losses"], result["smoothed"]))
+
+    rundir.write_atomic(run_dir / "lr_find.csv", write_csv)
+    summary = {k: result[k] for k in ("suggestions", "suggest", "lr", "stopped_early", "num_it")}
+    summary["points"] = len(result["lrs"])
+    summary["min_smoothed_loss"] = min(result["smoothed"], default=None)
+    rundir.write_json(run_dir / "lr_find.json", summary)
+    plot([(None, result)], run_dir / "lr_find.png")
+
+
+def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:
+    """Smoothed loss against lr (log scale), the suggestions marked; one curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"minimum": "v", "steep": "o", "valley": "*"}
+    for label, r in curves:
+        line = ax.plot(r["lrs"], r["smoothed"], label=label)[0]
+        for name, lr in r["suggestions"].items():
+            y = np.interp(np.log(lr), np.log(r["lrs"]), r["smoothed"]) if r["lrs"] else 0
+            ax.plot([lr], [y], markers[name], color=line.get_color(), markersize=9,
+                    label=f"{name} {lr:.2e}" if label is None else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed loss")
+    finite = [v for _, r in curves for v in r["smoothed"] if math.isfinite(v)]
+    if finite:  # the blow-up at the end would squash the interesting part
+        lo, first = min(finite), max(r["smoothed"][0] for _, r in curves if r["smoothed"])
+        ax.set_ylim(lo - 0.05 * abs(lo), max(first, lo) * 1.5 + 1e-3)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def show(result: dict[str, Any]) -> None:
+    """The curve drawn in the terminal and a table of the suggestions."""
+    report.console.print(report.text_curve(result["lrs"], result["smoothed"], result["suggestions"]))
+    rows = [(name + (" *" if name == result["suggest"] else ""), lr) for name, lr in result["suggestions"].items()]
+    report.console.print(report.table("suggestions (* = lr=find)", ["rule", "lr"], rows))
+    if result["stopped_early"]:
+        report.console.print(f"stopped after {len(result['lrs'])} of {result['num_it']} batches: the loss blew up")
+
+
+def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The task behind `dlrun lr-find`."""
+    result = lr_find(cfg, prepare(cfg), run_dir)
+    report.console.print(f"suggested lr: {result['lr']:.3g} ({result['suggest']}); "
+                         f"use it with optimizer.lr={result['lr']:.3g}, or train with optimizer.lr=find\n"
+                         f"plot and data: {run_dir}/lr_find.png, lr_find.csv")
+    return result

@@ -1,0 +1,132 @@
+"""`dlrun runs [DIR]`: a table of past runs (or of one sweep), best first, rebuilt from disk."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from dlrun import report, rundir
+from dlrun.errors import DlrunError
+from dlrun.metrics import MODES
+
+STATUS_ORDER = {"completed": 0, "interrupted": 1, "diverged": 2, "failed": 3}
+
+
+def overrides_of(run_dir: Path) -> dict[str, str]:
+    """The command-line overrides a run was started with, as key -> value."""
+    path = run_dir / rundir.OVERRIDES
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    pairs = [str(o).split("=", 1) for o in OmegaConf.load(path)]
+    return {k.lstrip("+~"): v for k, v in (p for p in pairs if len(p) == 2) if k != "resume"}
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """One record per run directory under `root` that has a summary.json."""
+    records = []
+    for path in sorted(root.rglob(rundir.SUMMARY)):
+        s = rundir.read_json(path)
+        monitor = s.get("monitor") or "valid_loss"
+        best = s.get("best") or {}
+        records.append({
+            "run": str(path.parent.relative_to(root)) if path.parent != root else ".",
+            "overrides": overrides_of(path.parent),
+            "status": s.get("status", "?"),
+            "monitor": monitor,
+            "value": best.get(monitor, math.nan),
+            "valid_loss": best.get("valid_loss", math.nan),
+            "epochs": s.get("epochs", 0),
+            "wall_s": s.get("wall_s", math.nan),
+        })
+    return rank(records)
+
+
+def rank(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Completed runs first, then each by its monitored metric, best first."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        v = r["value"]
+        v = math.inf if v is None or v != v else (v if MODES.get(r["monitor"], "min") == "min" else -v)
+        return (STATUS_ORDER.get(r["status"], 9), r["monitor"], v)
+
+    return sorted(records, key=key)
+
+
+def swept_keys(records: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between runs (what a sweep varied)."""
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r["overrides"] if k not in keys]
+    return [k for k in keys if len({r["overrides"].get(k) for r in records}) > 1]
+
+
+def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    swept = swept_keys(records)
+    monitors = sorted({r["monitor"] for r in records})
+    metric = monitors[0] if len(monitors) == 1 else "best"
+    columns = ["run", *swept, metric, "valid_loss", "status", "epochs", "time (s)"]
+    rows = [[r["run"], *(r["overrides"].get(k, "") for k in swept), r["value"], r["valid_loss"],
+             r["status"], r["epochs"], r["wall_s"]] for r in records]
+    return columns, rows
+
+
+def show(records: list[dict[str, Any]], title: str) -> None:
+    columns, rows = table_rows(records)
+    report.console.print(report.table(title, columns, rows))
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+    columns, rows = table_rows(records)
+
+    def write(f: Any) -> None:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows(rows)
+
+    rundir.write_atomic(path, write)
+
+
+def plot_sweep(records: list[dict[str, Any]], path: Path) -> None:
+    """The monitored metric against each swept value, one panel per swept key."""
+    swept = swept_keys(records)
+    done = [r for r in records if r["value"] == r["value"]]
+    if not swept or not done:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(swept), figsize=(4.5 * len(swept), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], swept):
+        values = [r["overrides"].get(key, "") for r in done]
+        try:
+            xs: list[Any] = [float(v) for v in values]
+        except ValueError:
+            xs = values
+        ax.scatter(xs, [r["value"] for r in done])
+        ax.set_xlabel(key)
+        ax.set_ylabel(done[0]["monitor"])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    """`dlrun runs [DIR]`."""
+    parser = argparse.ArgumentParser(prog="dlrun runs", description="Table of past runs, best first.")
+    parser.add_argument("dir", nargs="?", default="outputs", help="a sweep directory or any folder of runs")
+    args = parser.parse_args(argv)
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise DlrunError(f"{args.dir} is not a directory: give a sweep directory or outputs/")
+    records = collect(root)
+    if not records:
+        raise DlrunError(f"no runs under {args.dir} (no summary.json found)")
+    show(records, f"{len(records)} runs in {args.dir}, best first")
