@@ -86,8 +86,8 @@ class Rule:
             return len(value) > 0 and all(self.accepts(v) for v in value)
         if isinstance(value, str) and value in self.words:
             return True
-        if self.kind == "choice":
-            return value in self.choices
+        if self.kind == "choice":  # `trainer.precision=16` arrives as the int 16
+            return not isinstance(value, bool) and str(value) in self.choices
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "str":
@@ -154,6 +154,22 @@ RULES: dict[str, Rule] = {
     "model.layers": Int(1, each=True),
     "model.y_range": Float(each=True, nullable=True),
     "regularization.emb_dropout": PROB,
+    # text (data=text / pydoc, model=rnn, regularization=rnn)
+    "data.bundled": Choice("pydoc_data.topics", nullable=True),
+    "data.tokens": Choice("char", "word"),
+    "data.min_freq": Int(1),
+    "data.max_vocab": Int(2, nullable=True),
+    "data.bptt": Int(1),
+    "data.variable_bptt": Rule("bool"),
+    "model.cell": Choice("lstm", "gru", "qrnn"),
+    "model.emb_sz": Int(1),
+    "model.n_hid": Int(1),
+    "model.n_layers": Int(1),
+    "model.tie_weights": Rule("bool"),
+    "model.qrnn_window": Int(1),
+    **{f"regularization.dropouts.{site}": PROB for site in ("embed", "input", "hidden", "weight", "output")},
+    "regularization.ar": Float(0),
+    "regularization.tar": Float(0),
     # optimizer
     "optimizer.name": Choice("sgd", "adam", "adamw"),
     "optimizer.lr": Float(0, lo_open=True, words=("find",)),

@@ -9,6 +9,7 @@ back once per `trainer.log_every` steps.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import platform
@@ -308,17 +309,8 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                 state.loss_sum, state.items, state.epoch_seconds = torch.zeros((), device=learner.device), 0, 0.0
             display.start_epoch(epoch + 1, steps, state.batch)
             t0, items0 = time.perf_counter(), state.items
-            for i, (x, y) in enumerate(data.train.epoch(epoch, state.batch), start=state.batch):
-                if i >= steps:
-                    break
-                if stop.requested:
-                    state.epoch_seconds += time.perf_counter() - t0
-                    state.train_seconds += time.perf_counter() - t0
-                    state.train_items += state.items - items0
-                    if tr.checkpoint:
-                        save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
-                    summary.write("interrupted", metrics_log.rows)
-                    raise Interrupted
+            batches = itertools.islice(data.train.epoch(epoch, state.batch), steps - state.batch)
+            for i, (x, y) in enumerate(batches, start=state.batch):
                 lr, momentum = schedule(state.step)
                 if data.lr_scale is not None:
                     lr *= data.lr_scale(x)
@@ -336,6 +328,17 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                                        f"{advice(cfg)}")
                     seconds = state.epoch_seconds + time.perf_counter() - t0
                     display.update(state.batch, current, state.items / max(seconds, 1e-9))
+                if stop.requested:
+                    # Checked after the step and before the next batch is drawn: the saved
+                    # RNG state has not yet been used for the next batch's augmentation.
+                    seconds = time.perf_counter() - t0
+                    state.epoch_seconds += seconds
+                    state.train_seconds += seconds
+                    state.train_items += state.items - items0
+                    if tr.checkpoint:
+                        save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
+                    summary.write("interrupted", metrics_log.rows)
+                    raise Interrupted
             seconds = time.perf_counter() - t0
             state.epoch_seconds += seconds
             state.train_seconds += seconds

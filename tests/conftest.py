@@ -1,0 +1,57 @@
+"""Run dlrun the way a user does: the installed console script, in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DLRUN = str(Path(sys.executable).parent / "dlrun")
+# Quick settings for tests: no progress bar, a couple of short epochs.
+QUICK = ["trainer.progress=false"]
+
+
+def dlrun(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
+          ) -> subprocess.CompletedProcess:
+    """Run `dlrun ARGS...` and return the finished process (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([DLRUN, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train(run_dir: Path, *overrides: str, command: str = "train") -> subprocess.CompletedProcess:
+    """`dlrun train` into run_dir; fails the test with dlrun's output if it does not succeed."""
+    proc = dlrun(command, *QUICK, f"hydra.run.dir={run_dir}", *overrides)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def metrics_rows(run_dir: Path, drop: tuple[str, ...] = ("seconds",)) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, a short message containing every fragment, no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    for fragment in fragments:
+        assert fragment in out, out
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
