@@ -55,3 +55,14 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def compose(*overrides: str, config_name: str = "train"):
+    """The composed config, as dlrun would build it, for in-process tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from dlrun.config import configs_dir
+
+    with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="test"):
+        return hydra_compose(config_name, overrides=list(overrides))
