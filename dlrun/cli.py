@@ -12,9 +12,10 @@ import importlib
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dlrun.errors import DlrunError
 
@@ -32,9 +33,22 @@ PLAIN_COMMANDS = {
 }
 COMMANDS = {**HYDRA_COMMANDS, **PLAIN_COMMANDS}
 # Hydra flags after which composing the config ourselves first would be wrong or pointless.
-NO_PREFLIGHT = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
-                "--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn",
-                "--experimental-rerun"}
+NO_PREFLIGHT = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--config-dir",
+    "-cd",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--experimental-rerun",
+}
 VERBOSE = {"-v", "--verbose"}
 
 USAGE = """usage: dlrun COMMAND [ARGS...]
@@ -51,7 +65,9 @@ groups and every key). -v (or HYDRA_FULL_ERROR=1) shows tracebacks."""
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()))
+    return USAGE.format(
+        commands="\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
+    )
 
 
 def verbose() -> bool:
@@ -108,8 +124,11 @@ def dispatch(argv: list[str]) -> int:
     from dlrun.config import closest
 
     hint = closest(command, COMMANDS)
-    raise DlrunError(f"unknown command {command!r}" + (f" (did you mean {hint!r}?)" if hint else "")
-                     + f": use one of {', '.join(COMMANDS)}")
+    raise DlrunError(
+        f"unknown command {command!r}"
+        + (f" (did you mean {hint!r}?)" if hint else "")
+        + f": use one of {', '.join(COMMANDS)}"
+    )
 
 
 def complete(argv: list[str]) -> int:
@@ -209,8 +228,10 @@ def preflight(config_name: str, args: list[str]) -> None:
     overrides = [o for o in overrides if not o.key_or_group.startswith("hydra")]
     sweeps = [o for o in overrides if o.is_sweep_override()]
     if sweeps and not parsed_args.multirun:
-        raise DlrunError(f"{sweeps[0].input_line} is a sweep: add -m to run one job per value "
-                         f"(dlrun {config_name.replace('_', '-')} -m ...)")
+        raise DlrunError(
+            f"{sweeps[0].input_line} is a sweep: add -m to run one job per value "
+            f"(dlrun {config_name.replace('_', '-')} -m ...)"
+        )
     for job in job_variants(overrides):
         check_job(config_name, job)
 
@@ -253,9 +274,11 @@ def check_job(config_name: str, job: list[str]) -> None:
             options = group_options(o.key_or_group)
             if value not in options:
                 hint = closest(value, options)
-                raise DlrunError(f"{o.key_or_group}={value} is not a {o.key_or_group} config"
-                                 + (f" (did you mean {o.key_or_group}={hint}?)" if hint else "")
-                                 + f": use one of {', '.join(options)}")
+                raise DlrunError(
+                    f"{o.key_or_group}={value} is not a {o.key_or_group} config"
+                    + (f" (did you mean {o.key_or_group}={hint}?)" if hint else "")
+                    + f": use one of {', '.join(options)}"
+                )
     with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="dlrun"):
         groups_only = [s for s, g in zip(job, is_group) if g]
         try:
@@ -269,8 +292,11 @@ def check_job(config_name: str, job: list[str]) -> None:
             key = o.key_or_group
             if key not in keys and not any(k.startswith(key + ".") for k in keys):
                 hint = closest(key, keys)
-                raise DlrunError(f"{key} is not a config key" + (f" (did you mean {hint}?)" if hint else "")
-                                 + f"; `dlrun {config_name.replace('_', '-')} --cfg job` lists every key")
+                raise DlrunError(
+                    f"{key} is not a config key"
+                    + (f" (did you mean {hint}?)" if hint else "")
+                    + f"; `dlrun {config_name.replace('_', '-')} --cfg job` lists every key"
+                )
         try:
             cfg = compose(config_name, overrides=job)
         except Exception as e:  # noqa: BLE001

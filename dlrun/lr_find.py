@@ -115,8 +115,15 @@ def batches(learner: Learner, limit: int | None) -> Any:
         epoch += 1
 
 
-def range_test(learner: Learner, start_lr: float, end_lr: float, num_it: int, beta: float = 0.98,
-               stop_div: float = 4.0, limit: int | None = None) -> dict[str, Any]:
+def range_test(
+    learner: Learner,
+    start_lr: float,
+    end_lr: float,
+    num_it: int,
+    beta: float = 0.98,
+    stop_div: float = 4.0,
+    limit: int | None = None,
+) -> dict[str, Any]:
     """Train one batch per lr from start_lr to end_lr (exponential steps), record the
     raw and smoothed loss, stop early when the smoothed loss exceeds stop_div times its
     best or is not finite, and restore the learner exactly as it was."""
@@ -146,16 +153,29 @@ def range_test(learner: Learner, start_lr: float, end_lr: float, num_it: int, be
             best = min(best, smooth)
     finally:
         snapshot.restore(learner)
-    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped_early": stopped_early,
-            "num_it": num_it, "suggestions": suggestions(lrs, smoothed, num_it)}
+    return {
+        "lrs": lrs,
+        "losses": losses,
+        "smoothed": smoothed,
+        "stopped_early": stopped_early,
+        "num_it": num_it,
+        "suggestions": suggestions(lrs, smoothed, num_it),
+    }
 
 
 def lr_find(cfg: DictConfig, learner: Learner, run_dir: Path) -> dict[str, Any]:
     """Run the range test for `cfg`, write lr_find.csv/.json/.png into run_dir, show the
     curve, and return the result with `lr`, the suggestion `lr_find.suggest` picks."""
     lf = cfg.lr_find
-    result = range_test(learner, float(lf.start_lr), float(lf.end_lr), int(lf.num_it), float(lf.beta),
-                        float(lf.stop_div), cfg.trainer.limit_batches)
+    result = range_test(
+        learner,
+        float(lf.start_lr),
+        float(lf.end_lr),
+        int(lf.num_it),
+        float(lf.beta),
+        float(lf.stop_div),
+        cfg.trainer.limit_batches,
+    )
     result["suggest"] = lf.suggest
     result["lr"] = result["suggestions"][lf.suggest]
     save(result, run_dir)
@@ -192,8 +212,14 @@ def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:
         line = ax.plot(r["lrs"], r["smoothed"], label=label)[0]
         for name, lr in r["suggestions"].items():
             y = np.interp(np.log(lr), np.log(r["lrs"]), r["smoothed"]) if r["lrs"] else 0
-            ax.plot([lr], [y], markers[name], color=line.get_color(), markersize=9,
-                    label=f"{name} {lr:.2e}" if label is None else None)
+            ax.plot(
+                [lr],
+                [y],
+                markers[name],
+                color=line.get_color(),
+                markersize=9,
+                label=f"{name} {lr:.2e}" if label is None else None,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("smoothed loss")
@@ -211,16 +237,22 @@ def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:
 def show(result: dict[str, Any]) -> None:
     """The curve drawn in the terminal and a table of the suggestions."""
     report.console.print(report.text_curve(result["lrs"], result["smoothed"], result["suggestions"]))
-    rows = [(name + (" *" if name == result["suggest"] else ""), lr) for name, lr in result["suggestions"].items()]
+    rows = [
+        (name + (" *" if name == result["suggest"] else ""), lr) for name, lr in result["suggestions"].items()
+    ]
     report.console.print(report.table("suggestions (* = lr=find)", ["rule", "lr"], rows))
     if result["stopped_early"]:
-        report.console.print(f"stopped after {len(result['lrs'])} of {result['num_it']} batches: the loss blew up")
+        report.console.print(
+            f"stopped after {len(result['lrs'])} of {result['num_it']} batches: the loss blew up"
+        )
 
 
 def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """The task behind `dlrun lr-find`."""
     result = lr_find(cfg, prepare(cfg), run_dir)
-    report.console.print(f"suggested lr: {result['lr']:.3g} ({result['suggest']}); "
-                         f"use it with optimizer.lr={result['lr']:.3g}, or train with optimizer.lr=find\n"
-                         f"plot and data: {run_dir}/lr_find.png, lr_find.csv")
+    report.console.print(
+        f"suggested lr: {result['lr']:.3g} ({result['suggest']}); "
+        f"use it with optimizer.lr={result['lr']:.3g}, or train with optimizer.lr=find\n"
+        f"plot and data: {run_dir}/lr_find.png, lr_find.csv"
+    )
     return result

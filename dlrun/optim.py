@@ -37,8 +37,13 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> 
     # One fused kernel per step on CUDA; the multi-tensor (foreach) path elsewhere.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt_cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(opt_cfg.momentum),
-                               nesterov=bool(opt_cfg.nesterov) and opt_cfg.momentum > 0, **fast)
+        return torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=float(opt_cfg.momentum),
+            nesterov=bool(opt_cfg.nesterov) and opt_cfg.momentum > 0,
+            **fast,
+        )
     # adam and adamw run the same Adam update; regularization.wd_mode decides the decay.
     return torch.optim.Adam(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps), **fast)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -57,8 +58,9 @@ class EpochDisplay:
         self.task = self.progress.add_task("", total=total, completed=done, epoch=epoch, loss="-", speed="")
 
     def update(self, completed: int, loss: float, items_per_s: float) -> None:
-        self.progress.update(self.task, completed=completed, loss=f"{loss:.4f}",
-                             speed=f"{items_per_s:,.0f} items/s")
+        self.progress.update(
+            self.task, completed=completed, loss=f"{loss:.4f}", speed=f"{items_per_s:,.0f} items/s"
+        )
 
     def row(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -99,8 +101,9 @@ def plot_losses(rows: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def text_curve(xs: Sequence[float], ys: Sequence[float], marks: dict[str, float],
-               width: int = 60, height: int = 12) -> str:
+def text_curve(
+    xs: Sequence[float], ys: Sequence[float], marks: dict[str, float], width: int = 60, height: int = 12
+) -> str:
     """A loss-vs-lr curve drawn with characters (log-x), suggestions marked below it."""
     points = [(math.log10(x), y) for x, y in zip(xs, ys) if x > 0 and math.isfinite(y)]
     if len(points) < 2:
@@ -124,6 +127,6 @@ def text_curve(xs: Sequence[float], ys: Sequence[float], marks: dict[str, float]
         axis[min(max(col, 0), width - 1)] = name[0]
     lines.append(" " * 10 + "+" + "-" * width)
     lines.append(" " * 11 + "".join(axis))
-    lines.append(f"{'':11}{10 ** lo_x:<.0e}{'learning rate (log)':^{width - 10}}{10 ** hi_x:>.0e}")
+    lines.append(f"{'':11}{10**lo_x:<.0e}{'learning rate (log)':^{width - 10}}{10**hi_x:>.0e}")
     lines.append(f"{'':11}marks: m = minimum, s = steep, v = valley")
     return "\n".join(lines)

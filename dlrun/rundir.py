@@ -9,8 +9,9 @@ import csv
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dlrun.errors import DlrunError
 
@@ -69,8 +70,9 @@ def existing_run(run_dir: str | Path, need: str = SUMMARY) -> Path:
     if not path.is_dir():
         raise DlrunError(f"run directory {run_dir} does not exist: give a directory under outputs/")
     if not (path / CONFIG).is_file():
-        raise DlrunError(f"{run_dir} is not a dlrun run directory (no {CONFIG}): give a directory "
-                         "that `dlrun train` wrote")
+        raise DlrunError(
+            f"{run_dir} is not a dlrun run directory (no {CONFIG}): give a directory that `dlrun train` wrote"
+        )
     if need and not (path / need).is_file():
         raise DlrunError(f"{run_dir} has no {need}: the run did not get far enough to write it")
     return path

@@ -33,16 +33,18 @@ def collect(root: Path) -> list[dict[str, Any]]:
         s = rundir.read_json(path)
         monitor = s.get("monitor") or "valid_loss"
         best = s.get("best") or {}
-        records.append({
-            "run": str(path.parent.relative_to(root)) if path.parent != root else ".",
-            "overrides": overrides_of(path.parent),
-            "status": s.get("status", "?"),
-            "monitor": monitor,
-            "value": best.get(monitor, math.nan),
-            "valid_loss": best.get("valid_loss", math.nan),
-            "epochs": s.get("epochs", 0),
-            "wall_s": s.get("wall_s", math.nan),
-        })
+        records.append(
+            {
+                "run": str(path.parent.relative_to(root)) if path.parent != root else ".",
+                "overrides": overrides_of(path.parent),
+                "status": s.get("status", "?"),
+                "monitor": monitor,
+                "value": best.get(monitor, math.nan),
+                "valid_loss": best.get("valid_loss", math.nan),
+                "epochs": s.get("epochs", 0),
+                "wall_s": s.get("wall_s", math.nan),
+            }
+        )
     return rank(records)
 
 
@@ -70,8 +72,18 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]
     monitors = sorted({r["monitor"] for r in records})
     metric = monitors[0] if len(monitors) == 1 else "best"
     columns = ["run", *swept, metric, "valid_loss", "status", "epochs", "time (s)"]
-    rows = [[r["run"], *(r["overrides"].get(k, "") for k in swept), r["value"], r["valid_loss"],
-             r["status"], r["epochs"], r["wall_s"]] for r in records]
+    rows = [
+        [
+            r["run"],
+            *(r["overrides"].get(k, "") for k in swept),
+            r["value"],
+            r["valid_loss"],
+            r["status"],
+            r["epochs"],
+            r["wall_s"],
+        ]
+        for r in records
+    ]
     return columns, rows
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from omegaconf import DictConfig
 
@@ -16,8 +16,14 @@ def cos_anneal(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2 * (1 + math.cos(math.pi * min(max(pct, 0.0), 1.0)))
 
 
-def one_cycle(lr: float, total: int, pct_start: float = 0.25, div: float = 25.0,
-              final_div: float = 1e5, moms: tuple[float, float] | None = (0.95, 0.85)) -> Schedule:
+def one_cycle(
+    lr: float,
+    total: int,
+    pct_start: float = 0.25,
+    div: float = 25.0,
+    final_div: float = 1e5,
+    moms: tuple[float, float] | None = (0.95, 0.85),
+) -> Schedule:
     """fastai's one-cycle: lr/div -> lr over the first pct_start of the steps, then down to
     lr/final_div, both by cosine; momentum moves the opposite way (high lr, low momentum)."""
     warm = max(1, round(total * pct_start))
@@ -39,8 +45,9 @@ def cosine(lr: float, total: int, eta_min: float = 0.0) -> Schedule:
     return lambda step: (cos_anneal(lr, eta_min, step / max(1, total)), None)
 
 
-def sgdr(lr: float, steps_per_epoch: int, cycle_len: int = 1, cycle_mult: int = 2,
-         eta_min: float = 0.0) -> Schedule:
+def sgdr(
+    lr: float, steps_per_epoch: int, cycle_len: int = 1, cycle_mult: int = 2, eta_min: float = 0.0
+) -> Schedule:
     """SGDR (Loshchilov & Hutter): cosine from lr to eta_min, restarted at the end of each
     cycle; cycle k lasts cycle_len * cycle_mult**k epochs."""
 

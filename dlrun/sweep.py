@@ -42,14 +42,17 @@ class LrFindSweepSummary(Callback):
             result["smoothed"] = [p["smoothed_loss"] for p in points]
             label = " ".join(f"{k}={v}" for k, v in runs.overrides_of(job).items()) or job.name
             curves.append((label, result))
-            rows.append([label, *(result["suggestions"][n] for n in ("minimum", "steep", "valley")), result["lr"]])
+            rows.append(
+                [label, *(result["suggestions"][n] for n in ("minimum", "steep", "valley")), result["lr"]]
+            )
         if not curves:
             return
         plot(curves, root / "lr_find.png")
         columns = ["job", "minimum", "steep", "valley", "used"]
-        rundir.write_atomic(root / "lr_find_summary.csv",
-                            lambda f: (csv.writer(f).writerow(columns), csv.writer(f).writerows(rows)))
+        rundir.write_atomic(
+            root / "lr_find_summary.csv",
+            lambda f: (csv.writer(f).writerow(columns), csv.writer(f).writerows(rows)),
+        )
         rundir.write_json(root / "lr_find_summary.json", [dict(zip(columns, r)) for r in rows])
         report.console.print(report.table(f"lr-find sweep ({root})", columns, rows))
         report.console.print(f"overlay plot: {root / 'lr_find.png'}")
-

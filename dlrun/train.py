@@ -18,9 +18,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,8 +56,10 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise DlrunError(f"trainer.device={name} but no {name.upper()} device is available here: "
-                         "use trainer.device=auto or trainer.device=cpu")
+        raise DlrunError(
+            f"trainer.device={name} but no {name.upper()} device is available here: "
+            "use trainer.device=auto or trainer.device=cpu"
+        )
     return torch.device(name)
 
 
@@ -109,8 +112,19 @@ def prepare(cfg: DictConfig) -> Learner:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model, device)
     forward = torch.compile(model) if cfg.trainer.compile else model
-    return Learner(cfg, device, data, model, forward, optimizer, precision, autocast, scaler,
-                   cfg.trainer.grad_clip, [p for p in model.parameters() if p.requires_grad])
+    return Learner(
+        cfg,
+        device,
+        data,
+        model,
+        forward,
+        optimizer,
+        precision,
+        autocast,
+        scaler,
+        cfg.trainer.grad_clip,
+        [p for p in model.parameters() if p.requires_grad],
+    )
 
 
 def reset_state(model: torch.nn.Module) -> None:
@@ -217,6 +231,11 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+def save_torch(path: Path, obj: Any) -> None:
+    """torch.save through a temporary file and a rename."""
+    rundir.write_atomic(path, lambda f: torch.save(obj, f), mode="wb")
+
+
 def save_checkpoint(path: Path, learner: Learner, state: RunState) -> None:
     """Model, optimizer, run state and RNG state, written atomically."""
     ckpt = {
@@ -227,14 +246,16 @@ def save_checkpoint(path: Path, learner: Learner, state: RunState) -> None:
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if learner.device.type == "cuda" else [],
     }
-    rundir.write_atomic(path, lambda f: torch.save(ckpt, f), mode="wb")
+    save_torch(path, ckpt)
 
 
 def load_checkpoint(path: Path, learner: Learner) -> RunState:
     """Restore what `save_checkpoint` saved; only tensors and plain data are unpickled."""
     if not path.is_file():
-        raise DlrunError(f"cannot resume: {path} does not exist (the run never finished an epoch "
-                         "or was started with trainer.checkpoint=false)")
+        raise DlrunError(
+            f"cannot resume: {path} does not exist (the run never finished an epoch "
+            "or was started with trainer.checkpoint=false)"
+        )
     ckpt = torch.load(path, map_location=learner.device, weights_only=True)
     learner.model.load_state_dict(ckpt["model"])
     learner.optimizer.load_state_dict(ckpt["optimizer"])
@@ -306,7 +327,11 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
             model.train()
             reset_state(model)
             if state.batch == 0:
-                state.loss_sum, state.items, state.epoch_seconds = torch.zeros((), device=learner.device), 0, 0.0
+                state.loss_sum, state.items, state.epoch_seconds = (
+                    torch.zeros((), device=learner.device),
+                    0,
+                    0.0,
+                )
             display.start_epoch(epoch + 1, steps, state.batch)
             t0, items0 = time.perf_counter(), state.items
             batches = itertools.islice(data.train.epoch(epoch, state.batch), steps - state.batch)
@@ -323,9 +348,13 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                 if state.batch % tr.log_every == 0 or state.batch == steps:
                     current = loss.item()
                     if not math.isfinite(current):
-                        summary.write("diverged", metrics_log.rows, f"loss became {current} at step {state.step}")
-                        raise Diverged(f"the loss became {current} at step {state.step} (epoch {epoch + 1}): "
-                                       f"{advice(cfg)}")
+                        summary.write(
+                            "diverged", metrics_log.rows, f"loss became {current} at step {state.step}"
+                        )
+                        raise Diverged(
+                            f"the loss became {current} at step {state.step} (epoch {epoch + 1}): "
+                            f"{advice(cfg)}"
+                        )
                     seconds = state.epoch_seconds + time.perf_counter() - t0
                     display.update(state.batch, current, state.items / max(seconds, 1e-9))
                 if stop.requested:
@@ -345,8 +374,13 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
             state.train_items += state.items - items0
             train_loss = (state.loss_sum / max(state.items, 1)).item()
             valid, monitor = evaluate(learner, tr.limit_batches)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, **valid, "lr": lr,
-                   "seconds": state.epoch_seconds}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                **valid,
+                "lr": lr,
+                "seconds": state.epoch_seconds,
+            }
             metrics_log.append(row)
             display.row(row)
             log.info("epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
@@ -359,7 +393,7 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                 state.best, state.best_epoch = metrics, epoch + 1
                 if tr.checkpoint:
                     best = {"model": model.state_dict(), "epoch": epoch + 1, "metrics": metrics}
-                    rundir.write_atomic(run_dir / rundir.BEST, lambda f: torch.save(best, f), mode="wb")
+                    save_torch(run_dir / rundir.BEST, best)
             if tr.checkpoint:
                 save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
     return summary.write("completed", metrics_log.rows)
@@ -375,8 +409,9 @@ def find_lr(cfg: DictConfig, learner: Learner, run_dir: Path) -> float:
 class Summary:
     """summary.json: status, best and final metrics, timing, device and versions."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, learner: Learner | None, started: float,
-                 state: RunState | None):
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, learner: Learner | None, started: float, state: RunState | None
+    ):
         self.cfg, self.run_dir, self.learner, self.started, self.state = cfg, run_dir, learner, started, state
 
     def write(self, status: str, rows: list[dict[str, float]], message: str = "") -> dict[str, Any]:
@@ -399,8 +434,11 @@ class Summary:
             "items_per_s": state.train_items / state.train_seconds if state.train_seconds else None,
             "device": str(self.learner.device) if self.learner else None,
             "precision": self.learner.precision if self.learner else None,
-            "versions": {"dlrun": dlrun.__version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
+            "versions": {
+                "dlrun": dlrun.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
         }
         rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
         if rows:
@@ -411,7 +449,8 @@ class Summary:
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA raises OutOfMemoryError; MPS and some CUDA paths a RuntimeError that says so."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error))
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -425,15 +464,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_out_of_memory(e):
                     raise
-                what = f"data.bs={cfg.data.bs}" + (f", data.bptt={cfg.data.bptt}" if "bptt" in cfg.data else "")
+                what = f"data.bs={cfg.data.bs}" + (
+                    f", data.bptt={cfg.data.bptt}" if "bptt" in cfg.data else ""
+                )
                 if not (cfg.trainer.auto_bs and cfg.data.bs > 1):
-                    raise DlrunError(f"out of {'GPU ' if torch.cuda.is_available() else ''}memory with {what}: "
-                                     "lower data.bs" + (" or data.bptt" if "bptt" in cfg.data else "")
-                                     + ", or set trainer.auto_bs=true to retry at half the batch size") from e
+                    raise DlrunError(
+                        f"out of {'GPU ' if torch.cuda.is_available() else ''}memory with {what}: "
+                        "lower data.bs"
+                        + (" or data.bptt" if "bptt" in cfg.data else "")
+                        + ", or set trainer.auto_bs=true to retry at half the batch size"
+                    ) from e
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 cfg.data.bs = cfg.data.bs // 2
-                report.err_console.print(f"[yellow]out of memory with {what}; retrying with data.bs={cfg.data.bs}")
+                report.err_console.print(
+                    f"[yellow]out of memory with {what}; retrying with data.bs={cfg.data.bs}"
+                )
     except Diverged:
         raise
     except DlrunError as e:
@@ -452,7 +498,9 @@ def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         summary = train(cfg, run_dir)
     except Interrupted:
-        report.err_console.print(f"[yellow]interrupted; checkpoint saved. Resume with:\n  {resume_command(run_dir)}")
+        report.err_console.print(
+            f"[yellow]interrupted; checkpoint saved. Resume with:\n  {resume_command(run_dir)}"
+        )
         sys.exit(130)
     best = summary["best"]
     shown = {k: v for k, v in best.items() if k in (summary["monitor"], "valid_loss")}

@@ -18,13 +18,18 @@ DLRUN = str(Path(sys.executable).parent / "dlrun")
 QUICK = ["trainer.progress=false"]
 
 
-def dlrun(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
-          ) -> subprocess.CompletedProcess:
+def dlrun(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
     """Run `dlrun ARGS...` and return the finished process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([DLRUN, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [DLRUN, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def train(run_dir: Path, *overrides: str, command: str = "train") -> subprocess.CompletedProcess:

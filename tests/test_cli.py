@@ -13,8 +13,13 @@ from conftest import DLRUN, REPO, assert_user_error, dlrun
 def imported_modules(*args: str) -> str:
     """stderr of `python -X importtime` running dlrun with args: every module imported."""
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from dlrun.cli import main; main()", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from dlrun.cli import main; main()", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stderr
 
@@ -54,8 +59,10 @@ def test_train_help_lists_config_groups():
         (["train", "optimizer.lr=fast"], ["optimizer.lr='fast'"]),
         (["train", "data.bs=0"], ["data.bs=0", "integer >= 1"]),
         (["train", "trainer.epochs=two"], ["trainer.epochs='two'", "integer"]),
-        (["train", "regularization.dropuot=0.1"], ["regularization.dropuot is not a config key",
-                                                   "did you mean regularization.dropout?"]),
+        (
+            ["train", "regularization.dropuot=0.1"],
+            ["regularization.dropuot is not a config key", "did you mean regularization.dropout?"],
+        ),
         (["train", "data=nosuch"], ["data=nosuch is not a data config", "digits"]),
         (["train", "data=digit"], ["did you mean data=digits?"]),
         (["train", "optimizer=adamx"], ["optimizer=adamx is not a optimizer config", "adamw"]),

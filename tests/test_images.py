@@ -350,16 +350,19 @@ def test_train_cnn_on_an_image_folder(tmp_path):
     assert (tmp_path / "run" / "classes.json").is_file()
 
 
+@pytest.mark.slow  # a ResNet step takes seconds on a small CPU
 def test_train_resnet_on_fake_mnist(tmp_path):
     write_mnist(tmp_path / "data")
-    run = dlrun("train", "model=resnet", "data=mnist", f"data.root={tmp_path / 'data'}", "data.download=false",
-                "data.bs=16", "trainer.epochs=1", "trainer.limit_batches=2", f"hydra.run.dir={tmp_path / 'run'}")
+    run = dlrun("train", "model=resnet", "data=mnist", f"data.root={tmp_path / 'data'}",
+                "data.download=false", "data.size=8", "data.bs=16", "trainer.epochs=1",
+                "trainer.limit_batches=2", "trainer.checkpoint=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
 def test_cli_says_where_mnist_goes(tmp_path):
-    run = dlrun("train", "data=mnist", "data.download=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    run = dlrun("train", "data=mnist", "data.download=false", f"hydra.run.dir={tmp_path / 'run'}",
+                cwd=tmp_path)
     assert run.returncode == 2
     assert str(tmp_path / "data" / "MNIST" / "raw") in run.stderr + run.stdout
     assert "Traceback" not in run.stderr

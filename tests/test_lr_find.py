@@ -34,8 +34,19 @@ def least_squares_learner(seed: int, n: int = 256, d: int = 8) -> tuple[Learner,
     train = TensorBatches(x, y, bs=32, shuffle=True, seed=seed, drop_last=True)
     data = Data(train=train, valid=train, loss=nn.functional.mse_loss, metrics=LossOnly)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.0)
-    learner = Learner(None, torch.device("cpu"), data, model, model, opt, "32", contextlib.nullcontext,
-                      None, None, list(model.parameters()))
+    learner = Learner(
+        None,
+        torch.device("cpu"),
+        data,
+        model,
+        model,
+        opt,
+        "32",
+        contextlib.nullcontext,
+        None,
+        None,
+        list(model.parameters()),
+    )
     return learner, critical
 
 
@@ -113,8 +124,9 @@ def test_same_seed_same_suggestion_and_lr_find_equals_training_with_it_by_hand(t
     assert metrics_rows(auto) == metrics_rows(by_hand)
 
 
-@pytest.mark.parametrize("extra", [["optimizer=sgd", "trainer.grad_clip=1.0"],
-                                   ["optimizer=adam", "trainer.precision=bf16"]])
+@pytest.mark.parametrize(
+    "extra", [["optimizer=sgd", "trainer.grad_clip=1.0"], ["optimizer=adam", "trainer.precision=bf16"]]
+)
 def test_works_with_every_optimizer_precision_and_clipping(run_dir, extra):
     proc = dlrun("lr-find", f"hydra.run.dir={run_dir}", *QUICK, *FAST, *extra)
     assert proc.returncode == 0, proc.stderr
@@ -122,7 +134,9 @@ def test_works_with_every_optimizer_precision_and_clipping(run_dir, extra):
 
 
 def test_a_sweep_overlays_every_curve(tmp_path):
-    proc = dlrun("lr-find", "-m", f"hydra.sweep.dir={tmp_path}", *QUICK, *FAST, "regularization.dropout=0,0.5")
+    proc = dlrun(
+        "lr-find", "-m", f"hydra.sweep.dir={tmp_path}", *QUICK, *FAST, "regularization.dropout=0,0.5"
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "lr_find.png").is_file()
     rows = (tmp_path / "lr_find_summary.csv").read_text().splitlines()

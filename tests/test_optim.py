@@ -13,11 +13,19 @@ from dlrun.optim import build_optimizer, decay_weights, param_groups
 
 
 def config(name: str, wd_mode: str, wd: float = 0.1, lr: float = 0.01, momentum: float = 0.9):
-    return OmegaConf.create({
-        "optimizer": {"name": name, "lr": lr, "betas": [0.9, 0.99], "eps": 1e-8, "momentum": momentum,
-                      "nesterov": False},
-        "regularization": {"wd": wd, "wd_mode": wd_mode, "dropout": 0.0},
-    })
+    return OmegaConf.create(
+        {
+            "optimizer": {
+                "name": name,
+                "lr": lr,
+                "betas": [0.9, 0.99],
+                "eps": 1e-8,
+                "momentum": momentum,
+                "nesterov": False,
+            },
+            "regularization": {"wd": wd, "wd_mode": wd_mode, "dropout": 0.0},
+        }
+    )
 
 
 def make_model(seed: int = 0) -> nn.Module:

@@ -15,8 +15,16 @@ SHORT = ["trainer.epochs=2", "trainer.limit_batches=4"]
 
 def test_a_run_writes_every_output(run_dir):
     proc = train(run_dir, *SHORT)
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.csv", "summary.json",
-                 "checkpoint.pt", "best.pt", "loss.png"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "metrics.csv",
+        "summary.json",
+        "checkpoint.pt",
+        "best.pt",
+        "loss.png",
+    ):
         assert (run_dir / name).is_file(), name
     rows = metrics_rows(run_dir, drop=())
     assert list(rows[0]) == ["epoch", "train_loss", "valid_loss", "accuracy", "lr", "seconds"]
@@ -41,8 +49,16 @@ def test_same_seed_gives_the_same_numbers(tmp_path):
 
 
 def test_a_diverging_run_stops_with_advice(run_dir):
-    proc = dlrun("train", *QUICK, f"hydra.run.dir={run_dir}", "optimizer=sgd", "optimizer.lr=1e12",
-                 "schedule=constant", "trainer.log_every=1", *SHORT)
+    proc = dlrun(
+        "train",
+        *QUICK,
+        f"hydra.run.dir={run_dir}",
+        "optimizer=sgd",
+        "optimizer.lr=1e12",
+        "schedule=constant",
+        "trainer.log_every=1",
+        *SHORT,
+    )
     assert_user_error(proc, "loss became", "lower optimizer.lr", "trainer.grad_clip")
     s = summary(run_dir)
     assert s["status"] == "diverged" and "loss became" in s["message"]
@@ -55,17 +71,21 @@ def test_batch_size_larger_than_the_data_is_refused(run_dir):
 
 
 def test_precision_16_on_cpu_is_refused(run_dir):
-    assert_user_error(dlrun("train", *QUICK, f"hydra.run.dir={run_dir}", "trainer.precision=16"),
-                      "trainer.precision=16 needs a GPU")
+    assert_user_error(
+        dlrun("train", *QUICK, f"hydra.run.dir={run_dir}", "trainer.precision=16"),
+        "trainer.precision=16 needs a GPU",
+    )
 
 
 def test_bf16_autocast_and_clipping_and_every_optimizer_and_schedule_train(tmp_path):
-    for i, extra in enumerate([
-        ["trainer.precision=bf16", "trainer.grad_clip=0.5"],
-        ["optimizer=sgd", "optimizer.nesterov=true", "schedule=sgdr", "regularization.wd_mode=l2"],
-        ["optimizer=adam", "schedule=cosine"],
-        ["optimizer=adamw", "schedule=constant", "regularization=none"],
-    ]):
+    for i, extra in enumerate(
+        [
+            ["trainer.precision=bf16", "trainer.grad_clip=0.5"],
+            ["optimizer=sgd", "optimizer.nesterov=true", "schedule=sgdr", "regularization.wd_mode=l2"],
+            ["optimizer=adam", "schedule=cosine"],
+            ["optimizer=adamw", "schedule=constant", "regularization=none"],
+        ]
+    ):
         run_dir = tmp_path / str(i)
         train(run_dir, *SHORT, *extra)
         assert summary(run_dir)["status"] == "completed", extra
@@ -83,8 +103,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(tmp
     args = [*QUICK, "trainer.epochs=40", "trainer.limit_batches=3", "seed=1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(full, *args)
-    proc = subprocess.Popen([DLRUN, "train", *args, f"hydra.run.dir={cut}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [DLRUN, "train", *args, f"hydra.run.dir={cut}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(read_rows(cut)) < 2:
         time.sleep(0.02)

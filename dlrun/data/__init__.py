@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dlrun.errors import DlrunError
 
@@ -78,8 +79,16 @@ class TensorBatches:
     The permutation depends only on (seed, epoch), so any epoch can be replayed.
     """
 
-    def __init__(self, x: Any, y: "torch.Tensor", bs: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, split: str = "train"):
+    def __init__(
+        self,
+        x: Any,
+        y: "torch.Tensor",
+        bs: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        split: str = "train",
+    ):
         self.x, self.y, self.bs = x, y, bs
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.n = len(y)

@@ -24,8 +24,15 @@ def split_indices(n: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.n
     return perm[n_valid:], perm[:n_valid]
 
 
-def image_data(x: torch.Tensor, y: torch.Tensor, train_idx: np.ndarray, valid_idx: np.ndarray,
-               cfg: DictConfig, device: torch.device, n_classes: int) -> Data:
+def image_data(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train_idx: np.ndarray,
+    valid_idx: np.ndarray,
+    cfg: DictConfig,
+    device: torch.device,
+    n_classes: int,
+) -> Data:
     """Normalise images [N, C, H, W] with training-split statistics, put both splits on
     `device`, and batch them by index slices with on-device augmentation."""
     d = cfg.data
@@ -46,8 +53,13 @@ def image_data(x: torch.Tensor, y: torch.Tensor, train_idx: np.ndarray, valid_id
     if aug.get("crop_pad", 0) or aug.get("flip", False):
         background = ((0.0 - mean) / std).reshape(-1).to(device)  # the value of a black pixel
         train = Augmented(train, aug.get("crop_pad", 0), aug.get("flip", False), background)
-    info = {"n_classes": n_classes, "in_channels": x.shape[1], "image_size": tuple(x.shape[-2:]),
-            "mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
+    info = {
+        "n_classes": n_classes,
+        "in_channels": x.shape[1],
+        "image_size": tuple(x.shape[-2:]),
+        "mean": mean.reshape(-1).tolist(),
+        "std": std.reshape(-1).tolist(),
+    }
     return Data(train=train, valid=valid, loss=classification_loss, metrics=Accuracy, info=info)
 
 

@@ -21,8 +21,9 @@ class CNN(nn.Module):
     """conv-BN-ReLU blocks, stride 2 after the first; large inputs get a strided stem
     and a max-pool so that 224x224 costs about what 56x56 would."""
 
-    def __init__(self, in_channels: int, n_classes: int, channels: list[int], dropout: float,
-                 image_size: int):
+    def __init__(
+        self, in_channels: int, n_classes: int, channels: list[int], dropout: float, image_size: int
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
