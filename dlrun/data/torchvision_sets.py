@@ -164,9 +164,11 @@ def read_idx(folder: Path, name: str, ndim: int = 1) -> np.ndarray:
 class NumpyOnly(pickle.Unpickler):
     """CIFAR-10 ships as pickles: allow numpy arrays and nothing else, so a file cannot run code."""
 
+    ALLOWED = ("_reconstruct", "ndarray", "dtype", "_frombuffer")
+
     def find_class(self, module: str, name: str):
-        numpy_array = module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "_frombuffer")
-        if numpy_array or (module, name) == ("_codecs", "encode"):  # bytes, in protocol-2 pickles from Python 3
+        array = module.split(".")[0] == "numpy" and name in self.ALLOWED
+        if array or (module, name) == ("_codecs", "encode"):  # bytes, in protocol-2 pickles from Python 3
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
 
