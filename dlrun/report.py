@@ -75,7 +75,7 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
     """A rich table of formatted values."""
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="right", overflow="fold")
     for r in rows:
         t.add_row(*(fmt(v) for v in r))
     return t
