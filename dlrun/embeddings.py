@@ -30,7 +30,9 @@ def embedding_tables(model: Any, info: dict[str, Any]) -> dict[str, np.ndarray]:
     return {name: e.weight.detach().cpu().numpy() for name, e in zip(info["cat_names"], model.embeds)}
 
 
-def write_embeddings(out_dir: Path, tables: dict[str, np.ndarray], levels: dict[str, list[str]]) -> list[Path]:
+def write_embeddings(
+    out_dir: Path, tables: dict[str, np.ndarray], levels: dict[str, list[str]]
+) -> list[Path]:
     """One CSV per column: `level, e0, e1, ...`."""
     paths = []
     for name, weights in tables.items():
@@ -113,7 +115,8 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
 
     cfg = rundir.load_config(run)
     if cfg.get("model", {}).get("family") != "tabular":
-        raise DlrunError(f"{run} is a {cfg.model.get('family')} run: dlrun embeddings needs a model=tabular run")
+        family = cfg.get("model", {}).get("family")
+        raise DlrunError(f"{run} is a {family} run: dlrun embeddings needs a model=tabular run")
     data = build_data(cfg, torch.device("cpu"))
     model = build_model(cfg, data)
     state = torch.load(run / rundir.BEST, map_location="cpu", weights_only=True)["model"]
@@ -151,8 +154,14 @@ def main(argv: list[str]) -> None:
     with console.status("fitting k-NN, random forest and gradient boosting, without and with embeddings"):
         rows = compare(info, tables, metric, seed=int(cfg.get("seed", 0)))
     network = summary.get("best", {}).get(metric)
-    rows.append({"model": "neural network (this run)", "metric": metric,
-                 "without_embeddings": None, "with_embeddings": network})
+    rows.append(
+        {
+            "model": "neural network (this run)",
+            "metric": metric,
+            "without_embeddings": None,
+            "with_embeddings": network,
+        }
+    )
 
     path = out_dir / "comparison.csv"
     with open(path, "w", newline="") as f:
@@ -160,13 +169,17 @@ def main(argv: list[str]) -> None:
         w.writeheader()
         w.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
 
-    table = Table(title=f"{metric} on the validation split of {run.name}"
-                  f" ({'higher' if metric == 'accuracy' else 'lower'} is better)")
+    table = Table(
+        title=f"{metric} on the validation split of {run.name}"
+        f" ({'higher' if metric == 'accuracy' else 'lower'} is better)"
+    )
     table.add_column("model")
     table.add_column("ordinal codes", justify="right")
     table.add_column("learned embeddings", justify="right")
     for row in rows:
-        table.add_row(row["model"], *("-" if row[k] is None else f"{row[k]:.4f}"
-                                      for k in ("without_embeddings", "with_embeddings")))
+        table.add_row(
+            row["model"],
+            *("-" if row[k] is None else f"{row[k]:.4f}" for k in ("without_embeddings", "with_embeddings")),
+        )
     console.print(table)
     console.print(f"saved {path}")

@@ -53,9 +53,18 @@ MAX_AUTO_CLASSES = 20
 
 
 def table_path(dcfg: Any) -> Path:
-    """The CSV file to read: `data.path`, or the copy a bundled data set ships with."""
-    if dcfg.get("bundled") == "penguins":
-        return Path(str(importlib.resources.files("palmerpenguins") / "data" / "penguins.csv"))
+    """The CSV file to read: `data.path`, inside the Python package `data.package` when that is set
+    (the bundled penguins table ships with the palmerpenguins package)."""
+    if dcfg.get("package"):
+        try:
+            path = Path(str(importlib.resources.files(str(dcfg.package)) / str(dcfg.path)))
+        except ModuleNotFoundError:
+            raise DlrunError(
+                f"data.package={dcfg.package} is not installed: pip install {dcfg.package}"
+            ) from None
+        if not path.is_file():
+            raise DlrunError(f"data.package={dcfg.package} has no file {dcfg.path}: reinstall it")
+        return path
     if not dcfg.get("path"):
         raise DlrunError(
             "data.path is not set: point it at your CSV file, e.g. "
@@ -167,7 +176,7 @@ def date_parts(dates: pd.Series, name: str) -> tuple[dict[str, pd.Series], dict[
     d = dates.dt
     values = {
         "year": d.year, "month": d.month, "week": d.isocalendar().week, "day": d.day,
-        "dayofweek": d.dayofweek, "dayofyear": d.dayofyear,
+        "dayofweek": d.day_of_week, "dayofyear": d.day_of_year,
         "is_month_start": d.is_month_start, "is_month_end": d.is_month_end,
         "is_quarter_start": d.is_quarter_start, "is_quarter_end": d.is_quarter_end,
         "is_year_start": d.is_year_start, "is_year_end": d.is_year_end,
@@ -248,7 +257,7 @@ def fit_levels(train: pd.Series) -> list[str]:
 
 def encode(col: pd.Series, levels: list[str]) -> np.ndarray:
     """Level indices; unseen values (and gaps unseen in training) map to 0, `#unknown#`."""
-    codes = pd.Categorical(as_levels(col).fillna(MISSING), categories=levels).codes.astype(np.int64)
+    codes = pd.Index(levels).get_indexer(as_levels(col).fillna(MISSING)).astype(np.int64)
     codes[codes < 0] = 0
     return codes
 
@@ -274,7 +283,10 @@ class Table:
         out = {}
         for split, rows in (("train", ~self.is_valid), ("valid", self.is_valid)):
             out[f"cat_{split}"], out[f"cont_{split}"], out[f"y_{split}"] = (
-                self.cat[rows], self.cont[rows], self.y[rows])
+                self.cat[rows],
+                self.cont[rows],
+                self.y[rows],
+            )
         return out
 
 
@@ -328,15 +340,15 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
     if y_raw.isna().any():
         rows = np.flatnonzero(y_raw.isna().to_numpy())
         raise DlrunError(
-            f"the target data.y_name={y_name!r} is missing in {len(rows)} rows (first: data row {rows[0] + 1}): "
-            f"drop those rows from the file or fill them in"
+            f"the target data.y_name={y_name!r} is missing in {len(rows)} rows "
+            f"(first: data row {rows[0] + 1}): drop those rows from the file or fill them in"
         )
     task = resolve_task(y_raw, dcfg)
     classes: list[str] = []
     if task == "classification":
         # Classes from all rows: a class seen only in validation still gets an output.
         classes = fit_levels(y_raw)[1:]
-        y = pd.Categorical(as_levels(y_raw), categories=classes).codes.astype(np.int64)
+        y = pd.Index(classes).get_indexer(as_levels(y_raw)).astype(np.int64)
     else:
         y = numbers(y_raw, "data.y_name").to_numpy()
         if dcfg.get("log_y"):
@@ -418,8 +430,9 @@ def build(cfg: Any, device: torch.device) -> Data:
 
     bs = int(cfg.data.bs)
     # drop_last: a last batch of one row would break BatchNorm in training.
-    train = TensorBatches(*tensors("train"), bs, shuffle=True, seed=int(cfg.get("seed", 0)),
-                          drop_last=True, split="train")
+    train = TensorBatches(
+        *tensors("train"), bs, shuffle=True, seed=int(cfg.get("seed", 0)), drop_last=True, split="train"
+    )
     valid = TensorBatches(*tensors("valid"), bs, shuffle=False, split="valid")
 
     if table.task == "classification":
@@ -440,5 +453,6 @@ def build(cfg: Any, device: torch.device) -> Data:
         "n_levels": [len(table.levels[name]) for name in table.cat_names],
         "levels": table.levels,
         "arrays": table.arrays,  # processed train/valid numpy arrays (for `dlrun embeddings`)
+        "y_mean": float(a["y_train"].mean()) if table.task == "regression" else None,
     }
     return Data(train=train, valid=valid, loss=loss, metrics=metrics, info=info)

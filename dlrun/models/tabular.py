@@ -7,6 +7,7 @@ Dropout blocks to a linear head. A regression head can be squashed into `model.y
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,9 +25,17 @@ def emb_size(n_levels: int) -> int:
 class TabularNet(nn.Module):
     """Embeddings + continuous inputs -> [Linear, ReLU, BatchNorm, Dropout] * len(layers) -> Linear."""
 
-    def __init__(self, n_levels: list[int], emb_szs: list[int], n_cont: int, layers: list[int],
-                 dropout: list[float], emb_dropout: float, n_out: int,
-                 y_range: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        n_levels: list[int],
+        emb_szs: list[int],
+        n_cont: int,
+        layers: list[int],
+        dropout: list[float],
+        emb_dropout: float,
+        n_out: int,
+        y_range: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.embeds = nn.ModuleList(nn.Embedding(n, s) for n, s in zip(n_levels, emb_szs))
         for e in self.embeds:
@@ -90,11 +99,12 @@ def build(cfg: Any, data: Any) -> nn.Module:
     if m.get("y_range") is not None:
         if info["task"] != "regression":
             raise DlrunError("model.y_range applies to regression only: set model.y_range=null")
-        y_range = tuple(float(v) for v in m.y_range)
+        bounds = list(m.y_range) if isinstance(m.y_range, Sequence) else [m.y_range]
+        y_range = tuple(float(v) for v in bounds)
         if len(y_range) != 2 or not y_range[0] < y_range[1]:
-            raise DlrunError(f"model.y_range={list(m.y_range)} must be [low, high] with low < high")
+            raise DlrunError(f"model.y_range={list(bounds)} must be [low, high] with low < high")
     overrides = {str(k): int(v) for k, v in (m.get("emb_szs") or {}).items()}
-    return TabularNet(
+    net = TabularNet(
         n_levels=info["n_levels"],
         emb_szs=embedding_sizes(info, overrides),
         n_cont=len(info["cont_names"]),
@@ -104,3 +114,9 @@ def build(cfg: Any, data: Any) -> nn.Module:
         n_out=info["n_out"],
         y_range=y_range,
     )
+    if info.get("y_mean") is not None and y_range is None:
+        # Start a regression head at the training mean: a log-sales target sits near 8, and
+        # climbing there from 0 would take the first epochs.
+        with torch.no_grad():
+            net.head.bias.fill_(info["y_mean"])
+    return net

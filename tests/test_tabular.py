@@ -1,0 +1,364 @@
+"""The tabular family: data=csv / penguins, model=tabular, experiment=adult, dlrun embeddings.
+
+Tables are small CSV files written into tmp_path, plus the real UCI Adult file from the
+shared data folder where a test needs a real table (skipped when it is not there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dlrun.config import validate
+from dlrun.errors import DlrunError
+
+REPO = Path(__file__).resolve().parents[1]
+ADULT = REPO.parent / "shared" / "data" / "adult" / "adult.data"
+CPU = torch.device("cpu")
+
+
+def config(*overrides: str):
+    """The composed config a user would get from `dlrun train OVERRIDES`, checked like the CLI does."""
+    with initialize_config_dir(version_base=None, config_dir=str(REPO / "configs")):
+        cfg = compose("train", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def build_data(*overrides: str):
+    from dlrun.data import build_data
+
+    return build_data(config("model=tabular", *overrides), CPU)
+
+
+def dlrun(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "dlrun"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def sales_csv(tmp_path: Path) -> Path:
+    """A small sales table: a store (category), a promo flag (number), a date, positive sales."""
+    rng = np.random.default_rng(0)
+    dates = pd.date_range("2015-01-01", periods=60, freq="D")
+    rows = []
+    for d in dates:
+        for store in ("a", "b", "c"):
+            promo = int(rng.integers(0, 2))
+            base = {"a": 100, "b": 200, "c": 400}[store]
+            sales = base * (1.5 if promo else 1.0) * (1 + 0.05 * d.day_of_week)
+            rows.append(
+                {"Date": d.strftime("%Y-%m-%d"), "Store": store, "Promo": promo, "Sales": round(sales, 2)}
+            )
+    path = tmp_path / "sales.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+SALES = (
+    "data=csv",
+    "data.y_name=Sales",
+    "data.cat_names=[Store]",
+    "data.cont_names=[Promo]",
+    "data.date_names=[Date]",
+    "data.valid_by=Date",
+    "data.log_y=true",
+    "data.bs=16",
+)
+
+
+# --- dates, log target, RMSPE --------------------------------------------------
+
+
+def test_date_parts_match_the_calendar():
+    from dlrun.data.tabular import date_parts
+
+    dates = pd.to_datetime(pd.Series(["2015-07-31", "2015-01-01", "2014-12-31", "2015-03-31"]))
+    cats, conts = date_parts(dates, "Date")
+    part = lambda name: cats[f"Date_{name}"].tolist()
+    assert part("year") == [2015, 2015, 2014, 2015]
+    assert part("month") == [7, 1, 12, 3]
+    assert part("week") == [31, 1, 1, 14]  # ISO weeks: 2014-12-31 is in week 1 of 2015
+    assert part("day") == [31, 1, 31, 31]
+    assert part("dayofweek") == [4, 3, 2, 1]  # Monday is 0
+    assert part("dayofyear") == [212, 1, 365, 90]
+    assert part("is_month_end") == [1, 0, 1, 1]
+    assert part("is_month_start") == [0, 1, 0, 0]
+    assert part("is_quarter_end") == [0, 0, 1, 1]
+    assert part("is_quarter_start") == [0, 1, 0, 0]
+    assert part("is_year_end") == [0, 0, 1, 0]
+    assert part("is_year_start") == [0, 1, 0, 0]
+    assert conts["Date_elapsed"].tolist()[1] == 1420070400.0  # 2015-01-01 00:00 UTC
+
+
+def test_sales_table_with_dates_log_target_and_rmspe(tmp_path):
+    data = build_data(*SALES, f"data.path={sales_csv(tmp_path)}")
+    info = data.info
+    assert info["task"] == "regression" and info["log_y"] and info["n_out"] == 1
+    assert "Date_year" in info["cat_names"] and "Date_dayofweek" in info["cat_names"]
+    assert info["cont_names"] == ["Promo", "Date_elapsed"]
+    a = info["arrays"]()
+    # Validation is the most recent 20% of the days (12 of 60 days, 3 stores each).
+    assert len(a["y_valid"]) == 36 and len(a["y_train"]) == 144
+    elapsed = info["cont_names"].index("Date_elapsed")
+    assert a["cont_valid"][:, elapsed].min() > a["cont_train"][:, elapsed].max()
+    # The target is stored as log(sales).
+    assert np.allclose(np.exp(a["y_train"]).min(), 100.0, rtol=1e-5)
+
+    # Metrics are on the original scale: targets 100 and 200, predictions 110 and 180.
+    metrics = data.metrics()
+    assert metrics.monitor == "rmspe"
+    y = torch.log(torch.tensor([100.0, 200.0]))
+    out = torch.log(torch.tensor([[110.0], [180.0]]))
+    metrics.update(out, y)
+    got = metrics.compute(valid_loss=0.0)
+    assert got["rmspe"] == pytest.approx(0.1, rel=1e-5)  # errors of +10% and -10%
+    assert got["rmse"] == pytest.approx(math.sqrt((10**2 + 20**2) / 2), rel=1e-5)
+    assert got["mae"] == pytest.approx(15.0, rel=1e-5)
+
+
+def test_sales_run_reports_rmspe(tmp_path):
+    run = tmp_path / "run"
+    r = dlrun(
+        "train",
+        "model=tabular",
+        *SALES,
+        f"data.path={sales_csv(tmp_path)}",
+        "trainer.epochs=4",
+        "trainer.progress=false",
+        f"hydra.run.dir={run}",
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["monitor"] == "rmspe"
+    # The head starts at the mean log target, so four epochs already land near 0.5 (without that: ~1).
+    assert 0 < summary["best"]["rmspe"] < 0.6 and "rmse" in summary["best"] and "mae" in summary["best"]
+
+
+# --- processing: missing values, unseen levels, statistics from training -------
+
+
+def write(tmp_path: Path, text: str, name: str = "t.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_missing_numbers_unseen_levels_and_training_statistics(tmp_path):
+    from dlrun.data.tabular import MISSING, UNKNOWN, process
+
+    df = pd.DataFrame(
+        {
+            "color": ["red", "blue", None, "red", "green"],
+            "size": [1.0, None, 3.0, 5.0, 100.0],
+            "y": ["p", "q", "p", "q", "p"],
+        }
+    )
+    dcfg = {"y_name": "y", "cat_names": ["color"], "cont_names": ["size"], "valid_by": "is_valid"}
+    df["is_valid"] = [False, False, False, False, True]
+    table = process(df, _dcfg(dcfg))
+    assert table.cat_names == ["color", "size_na"] and table.cont_names == ["size"]
+    # Levels from the training rows only: green appears only in validation -> #unknown# (index 0).
+    assert table.levels["color"] == [UNKNOWN, "blue", "red", MISSING]
+    assert table.cat[:, 0].tolist() == [2, 1, 3, 2, 0]
+    assert table.cat[:, 1].tolist() == [1, 2, 1, 1, 1]  # size_na: False, True, False, ...
+    # The gap is filled with the training median (3), then standardised with training mean/std.
+    train = np.array([1.0, 3.0, 3.0, 5.0])
+    expected = (np.array([1.0, 3.0, 3.0, 5.0, 100.0]) - train.mean()) / train.std()
+    assert np.allclose(table.cont[:, 0], expected, rtol=1e-6)
+    assert table.classes == ["p", "q"] and table.y.tolist() == [0, 1, 0, 1, 0]
+
+
+def _dcfg(keys: dict):
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(REPO / "configs" / "data" / "csv.yaml")
+    return OmegaConf.merge(base, keys)
+
+
+def test_penguins_is_the_default_tabular_data():
+    data = build_data()
+    info = data.info
+    assert info["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
+    assert info["cat_names"][:2] == ["island", "sex"]
+    x, y = next(data.train.epoch(0))
+    assert x[0].dtype == torch.int64 and x[1].dtype == torch.float32 and len(y) == 32
+
+
+def test_adult_reads_with_its_separator_and_na_marker():
+    if not ADULT.is_file():
+        pytest.skip(f"{ADULT} not available")
+    data = build_data("experiment=adult", f"data.path={ADULT}")
+    info = data.info
+    assert info["classes"] == ["<=50K", ">50K"]
+    assert info["levels"]["workclass"][-1] == "#na#"  # "?" read as missing
+    assert "Private" in info["levels"]["workclass"]  # ", " separators: no leading spaces
+    a = info["arrays"]()
+    assert len(a["y_train"]) + len(a["y_valid"]) == 32561 and len(a["y_valid"]) == 6512
+
+
+# --- the model ------------------------------------------------------------------
+
+
+def test_embedding_sizes_dropout_and_y_range(tmp_path):
+    from dlrun.models import build_model
+    from dlrun.models.tabular import emb_size
+
+    assert [emb_size(n) for n in (2, 10, 43, 10**6)] == [2, 6, 13, 600]
+    cfg = config("model=tabular", "+model.emb_szs.island=5", "regularization.dropout=[0.1,0.2]")
+    from dlrun.data import build_data as build
+
+    data = build(cfg, CPU)
+    model = build_model(cfg, data)
+    widths = [e.embedding_dim for e in model.embeds]
+    assert widths[0] == 5 and widths[1] == emb_size(data.info["n_levels"][1])
+    assert [m.p for m in model.layers if isinstance(m, torch.nn.Dropout)] == [0.1, 0.2]
+    x, _ = next(data.valid.epoch(0))
+    assert model.eval()(x).shape == (len(x[0]), 3)
+
+    bad = config("model=tabular", "regularization.dropout=[0.1,0.2,0.3]")
+    with pytest.raises(DlrunError, match="one per layer"):
+        build_model(bad, build(bad, CPU))
+    with pytest.raises(DlrunError, match="regression only"):
+        c = config("model=tabular", "model.y_range=[0,1]")
+        build_model(c, build(c, CPU))
+
+
+# --- training and embeddings through the CLI -------------------------------------
+
+
+def test_penguins_trains_to_high_accuracy_and_embeddings_compare(tmp_path):
+    run = tmp_path / "run"
+    r = dlrun("train", "model=tabular", "trainer.progress=false", f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["accuracy"] >= 0.95
+
+    r = dlrun("embeddings", str(run))
+    assert r.returncode == 0, r.stderr
+    island = pd.read_csv(run / "embeddings" / "island.csv")
+    assert island["level"].tolist() == ["#unknown#", "Biscoe", "Dream", "Torgersen"]
+    assert island.shape[1] == 1 + 3  # level + emb_size(4) = 3 numbers
+    table = pd.read_csv(run / "embeddings" / "comparison.csv")
+    assert table["model"].tolist()[-1] == "neural network (this run)"
+    assert table["with_embeddings"].iloc[-1] == pytest.approx(summary["best"]["accuracy"])
+    assert (table["without_embeddings"].iloc[:3] > 0.8).all() and (table["with_embeddings"] > 0.8).all()
+    assert "random forest" in r.stdout and "learned embeddings" in r.stdout
+
+
+@pytest.mark.slow
+def test_adult_reaches_85_percent(tmp_path):
+    if not ADULT.is_file():
+        pytest.skip(f"{ADULT} not available")
+    run = tmp_path / "adult"
+    r = dlrun(
+        "train",
+        "experiment=adult",
+        f"data.path={ADULT}",
+        "seed=0",
+        "trainer.progress=false",
+        f"hydra.run.dir={run}",
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "summary.json").read_text())["best"]["accuracy"] >= 0.85
+
+
+# --- user mistakes ----------------------------------------------------------------
+
+
+def test_column_not_in_file_lists_the_columns(tmp_path):
+    path = write(tmp_path, "a,b,label\n1,x,p\n2,y,q\n3,x,p\n")
+    msg = r"'bb' is not in the table \(did you mean 'b'\?\); its columns are: a, b, label"
+    with pytest.raises(DlrunError, match=msg):
+        build_data("data=csv", f"data.path={path}", "data.y_name=label", "data.cat_names=[bb]", "data.bs=1")
+
+
+def test_missing_file_exits_2(tmp_path):
+    r = dlrun(
+        "train",
+        "model=tabular",
+        "data=csv",
+        f"data.path={tmp_path / 'nope.csv'}",
+        "data.y_name=y",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2
+    assert "nope.csv does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_path_not_set():
+    with pytest.raises(DlrunError, match="data.path is not set"):
+        build_data("data=csv", "data.y_name=y")
+
+
+def test_non_numeric_value_in_continuous_column_names_row_and_column(tmp_path):
+    path = write(tmp_path, "a,b,label\n1,x,p\n2,y,q\nthree,x,p\n")
+    with pytest.raises(DlrunError, match=r"column 'a' has the non-numeric value 'three' in data row 3"):
+        build_data("data=csv", f"data.path={path}", "data.y_name=label", "data.cont_names=[a]")
+
+
+def test_target_with_missing_values(tmp_path):
+    path = write(tmp_path, "a,label\n1,p\n2,\n3,q\n4,p\n")
+    with pytest.raises(DlrunError, match=r"data.y_name='label' is missing in 1 rows \(first: data row 2\)"):
+        build_data("data=csv", f"data.path={path}", "data.y_name=label", "data.cont_names=[a]")
+
+
+def test_id_like_categorical_is_a_warning(tmp_path, caplog):
+    path = write(tmp_path, "id,a,label\n" + "".join(f"r{i},{i % 3},{'pq'[i % 2]}\n" for i in range(20)))
+    with caplog.at_level(logging.WARNING):
+        data = build_data(
+            "data=csv",
+            f"data.path={path}",
+            "data.y_name=label",
+            "data.cat_names=[id]",
+            "data.cont_names=[a]",
+            "data.bs=4",
+        )
+    assert "'id' has a different value in every training row" in caplog.text
+    assert data.info["n_levels"] == [17]  # 16 training ids + #unknown#
+
+
+def test_bad_valid_by_and_log_y_on_classes(tmp_path):
+    path = write(tmp_path, "a,flag,label\n1,maybe,p\n2,no,q\n3,yes,p\n")
+    with pytest.raises(DlrunError, match="true/false column"):
+        build_data(
+            "data=csv", f"data.path={path}", "data.y_name=label", "data.cont_names=[a]", "data.valid_by=flag"
+        )
+    with pytest.raises(DlrunError, match="regression target"):
+        build_data(
+            "data=csv",
+            f"data.path={path}",
+            "data.y_name=label",
+            "data.cont_names=[a]",
+            "data.log_y=true",
+            "data.task=classification",
+        )
+
+
+@pytest.mark.parametrize("model", ["tabular", "rnn"])
+def test_model_on_the_wrong_data_family_exits_2(model, tmp_path):
+    if not (REPO / "configs" / "model" / f"{model}.yaml").is_file():
+        pytest.skip(f"model={model} not in this tree")
+    r = dlrun("train", f"model={model}", "data=digits", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    if model == "tabular":
+        assert "data=csv, data=penguins" in r.stderr
+    assert "cannot train on data=digits" in r.stderr
+
+
+def test_embeddings_needs_one_run_dir(tmp_path):
+    from dlrun.embeddings import main
+
+    with pytest.raises(DlrunError, match="usage: dlrun embeddings RUN_DIR"):
+        main([])
+    with pytest.raises(DlrunError, match="does not exist"):
+        main([str(tmp_path / "nowhere")])
