@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,8 +30,13 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> 
     return time.perf_counter() - t0
 
 
-def compare(name: str, ours: Callable[[], object], plain: Callable[[], object], repeats: int = 3,
-            sync: Callable[[], None] = lambda: None) -> float:
+def compare(
+    name: str,
+    ours: Callable[[], object],
+    plain: Callable[[], object],
+    repeats: int = 3,
+    sync: Callable[[], None] = lambda: None,
+) -> float:
     """Time the two alternately (so machine noise hits both), print medians and the ratio."""
     ours(), plain()  # warm-up: allocator, kernels, caches
     a, b = [], []
@@ -39,6 +44,8 @@ def compare(name: str, ours: Callable[[], object], plain: Callable[[], object], 
         a.append(timed(ours, sync))
         b.append(timed(plain, sync))
     ratio = statistics.median(a) / statistics.median(b)
-    print(f"{name:<44} dlrun {statistics.median(a):8.3f} s   plain {statistics.median(b):8.3f} s   "
-          f"ratio {ratio:5.2f}")
+    print(
+        f"{name:<44} dlrun {statistics.median(a):8.3f} s   plain {statistics.median(b):8.3f} s   "
+        f"ratio {ratio:5.2f}"
+    )
     return ratio

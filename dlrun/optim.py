@@ -10,6 +10,8 @@ are never decayed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -25,27 +27,52 @@ def param_groups(model: nn.Module, wd: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer.name` with `regularization.wd` applied as `wd_mode` says."""
+@dataclass
+class DecoupledDecay:
+    """p *= 1 - lr*wd for the decayed parameters, applied just before optimizer.step()
+    (the order torch.optim.AdamW uses)."""
+
+    params: list[torch.Tensor]
+    wd: float
+
+    @torch.no_grad()
+    def apply(self, lr: float) -> None:
+        torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
+
+
+def build_optimizer(
+    cfg: DictConfig, model: nn.Module, device: torch.device
+) -> tuple[torch.optim.Optimizer, DecoupledDecay | None]:
+    """The optimizer `cfg.optimizer.name`, and the decoupled decay to apply before each of
+    its steps (None in l2 mode, where the optimizer adds wd*p to the gradient itself)."""
     opt_cfg, reg = cfg.optimizer, cfg.regularization
-    groups = param_groups(model, float(reg.wd))
-    l2 = reg.wd_mode == "l2"
-    for g in groups:
-        g["weight_decay"] = g["wd"] if l2 else 0.0
-        g["decoupled_wd"] = 0.0 if l2 else g["wd"]
+    wd = float(reg.wd)
+    groups = param_groups(model, wd)
+    decay = None
+    if reg.wd_mode == "l2":
+        for g in groups:
+            g["weight_decay"] = g.pop("wd")
+    else:
+        # The optimizer itself decays nothing, so one group holds every parameter: half the
+        # multi-tensor kernel launches of two groups per step.
+        if wd and groups[0]["wd"]:
+            decay = DecoupledDecay(list(groups[0]["params"]), wd)
+        groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": 0.0}]
     lr = 1e-3 if opt_cfg.lr == "find" else float(opt_cfg.lr)
     # One fused kernel per step on CUDA; the multi-tensor (foreach) path elsewhere.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt_cfg.name == "sgd":
-        return torch.optim.SGD(
+        opt: torch.optim.Optimizer = torch.optim.SGD(
             groups,
             lr=lr,
             momentum=float(opt_cfg.momentum),
             nesterov=bool(opt_cfg.nesterov) and opt_cfg.momentum > 0,
             **fast,
         )
-    # adam and adamw run the same Adam update; regularization.wd_mode decides the decay.
-    return torch.optim.Adam(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps), **fast)
+    else:
+        # adam and adamw run the same Adam update; regularization.wd_mode decides the decay.
+        opt = torch.optim.Adam(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps), **fast)
+    return opt, decay
 
 
 def set_hyper(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
@@ -57,15 +84,3 @@ def set_hyper(optimizer: torch.optim.Optimizer, lr: float, momentum: float | Non
                 g["betas"] = (momentum, g["betas"][1])
             elif g.get("momentum", 0) > 0:
                 g["momentum"] = momentum
-
-
-@torch.no_grad()
-def decay_weights(optimizer: torch.optim.Optimizer) -> None:
-    """Decoupled weight decay, p *= 1 - lr*wd, applied just before optimizer.step()
-    (the order torch.optim.AdamW uses)."""
-    for g in optimizer.param_groups:
-        wd = g.get("decoupled_wd", 0.0)
-        if wd:
-            params = [p for p in g["params"] if p.grad is not None]
-            if params:
-                torch._foreach_mul_(params, 1.0 - g["lr"] * wd)

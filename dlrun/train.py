@@ -33,7 +33,7 @@ from dlrun.data import Data, build_data
 from dlrun.errors import DlrunError
 from dlrun.metrics import better
 from dlrun.models import build_model
-from dlrun.optim import build_optimizer, decay_weights, set_hyper
+from dlrun.optim import DecoupledDecay, build_optimizer, set_hyper
 from dlrun.schedule import build_schedule
 
 log = logging.getLogger("dlrun")
@@ -98,7 +98,8 @@ class Learner:
     autocast: Callable[[], Any]
     scaler: Any
     grad_clip: float | None
-    params: list[torch.Tensor] = field(default_factory=list)
+    params: list[torch.Tensor] = field(default_factory=list)  # what gradient clipping sees
+    decay: DecoupledDecay | None = None  # regularization.wd_mode=decoupled
 
 
 def prepare(cfg: DictConfig) -> Learner:
@@ -110,7 +111,7 @@ def prepare(cfg: DictConfig) -> Learner:
     model = build_model(cfg, data).to(device)
     if device.type == "cuda" and cfg.model.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model, device)
+    optimizer, decay = build_optimizer(cfg, model, device)
     forward = torch.compile(model) if cfg.trainer.compile else model
     return Learner(
         cfg,
@@ -124,6 +125,7 @@ def prepare(cfg: DictConfig) -> Learner:
         scaler,
         cfg.trainer.grad_clip,
         [p for p in model.parameters() if p.requires_grad],
+        decay,
     )
 
 
@@ -151,7 +153,8 @@ def train_step(learner: Learner, x: Any, y: Any, lr: float, momentum: float | No
         if scaler is not None:
             scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(learner.params, learner.grad_clip, foreach=True)
-    decay_weights(opt)
+    if learner.decay is not None:
+        learner.decay.apply(lr)
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
@@ -341,7 +344,7 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                     lr *= data.lr_scale(x)
                 loss = train_step(learner, x, y, lr, momentum)
                 k = y.numel()
-                state.loss_sum += loss * k
+                state.loss_sum.add_(loss, alpha=k)  # one kernel, no host sync
                 state.items += k
                 state.step += 1
                 state.batch = i + 1

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dlrun.optim import build_optimizer, decay_weights, param_groups
+from dlrun.optim import build_optimizer, param_groups
 
 
 def config(name: str, wd_mode: str, wd: float = 0.1, lr: float = 0.01, momentum: float = 0.9):
@@ -48,10 +48,11 @@ def run_steps(model: nn.Module, step, n: int = 5) -> list[torch.Tensor]:
 
 def dlrun_steps(cfg) -> list[torch.Tensor]:
     model = make_model()
-    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    opt, decay = build_optimizer(cfg, model, torch.device("cpu"))
 
     def step():
-        decay_weights(opt)
+        if decay is not None:
+            decay.apply(opt.param_groups[0]["lr"])
         opt.step()
 
     return run_steps(model, step)
@@ -104,10 +105,13 @@ def test_sgd_with_momentum_l2_is_torch_weight_decay_and_decoupled_differs():
 def test_biases_and_norm_parameters_are_not_decayed(mode):
     model = make_model()
     before = copy.deepcopy(model.state_dict())
-    opt = build_optimizer(config("sgd", mode, wd=0.5, lr=0.1, momentum=0.0), model, torch.device("cpu"))
+    opt, decay = build_optimizer(
+        config("sgd", mode, wd=0.5, lr=0.1, momentum=0.0), model, torch.device("cpu")
+    )
     for p in model.parameters():  # zero gradient: only weight decay moves parameters
         p.grad = torch.zeros_like(p)
-    decay_weights(opt)
+    if decay is not None:
+        decay.apply(0.1)
     opt.step()
     after = model.state_dict()
     for name, p in after.items():
