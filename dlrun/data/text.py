@@ -67,19 +67,25 @@ def read_corpus(data_cfg: Any) -> tuple[str, str | None]:
     """(train text, valid text or None when the validation part is split off the end)."""
     if data_cfg.path is None:
         if data_cfg.bundled is None:
-            raise DlrunError("data=text needs a corpus: set data.path=FILE.txt (or a folder with "
-                             "train.txt and valid.txt), or use the bundled one with data=pydoc")
+            raise DlrunError(
+                "data=text needs a corpus: set data.path=FILE.txt (or a folder with "
+                "train.txt and valid.txt), or use the bundled one with data=pydoc"
+            )
         return _bundled(data_cfg.bundled), None
     path = Path(str(data_cfg.path)).expanduser()
     if path.is_dir():
         train, valid = path / "train.txt", path / "valid.txt"
         if not train.is_file():
-            raise DlrunError(f"data.path={path} is a folder without train.txt: put the training text in "
-                             f"{train} (and the validation text in {valid}), or point data.path at one file")
+            raise DlrunError(
+                f"data.path={path} is a folder without train.txt: put the training text in "
+                f"{train} (and the validation text in {valid}), or point data.path at one file"
+            )
         return _read(train), (_read(valid) if valid.is_file() else None)
     if not path.exists():
-        raise DlrunError(f"data.path={path} does not exist: point it at a .txt file or a folder "
-                         "with train.txt and valid.txt")
+        raise DlrunError(
+            f"data.path={path} does not exist: point it at a .txt file or a folder "
+            "with train.txt and valid.txt"
+        )
     return _read(path), None
 
 
@@ -184,8 +190,9 @@ class StreamBatches:
     targets, so the inputs of all windows tile the first bs*L tokens exactly.
     """
 
-    def __init__(self, stream: torch.Tensor, bs: int, bptt: int, split: str,
-                 variable: bool = False, seed: int = 0):
+    def __init__(
+        self, stream: torch.Tensor, bs: int, bptt: int, split: str, variable: bool = False, seed: int = 0
+    ):
         self.row_len = (len(stream) - 1) // bs
         if self.row_len < 1:
             raise DlrunError(

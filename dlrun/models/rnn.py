@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from dlrun.data import Data
+from dlrun.errors import DlrunError
 
 # Weight-drop hands cuDNN a freshly dropped hidden-to-hidden matrix each step, which
 # cannot live in the module's flat weight buffer; cuDNN copies it (as it must) and
@@ -145,8 +146,19 @@ class RNNLanguageModel(nn.Module):
     TAR on, it returns (logits, penalty) and the loss adds the penalty to the gradient.
     """
 
-    def __init__(self, vocab_size: int, emb_sz: int, n_hid: int, n_layers: int, cell: str,
-                 tie_weights: bool, qrnn_window: int, drops: dict[str, float], ar: float, tar: float):
+    def __init__(
+        self,
+        vocab_size: int,
+        emb_sz: int,
+        n_hid: int,
+        n_layers: int,
+        cell: str,
+        tie_weights: bool,
+        qrnn_window: int,
+        drops: dict[str, float],
+        ar: float,
+        tar: float,
+    ):
         super().__init__()
         self.drops, self.ar, self.tar = drops, ar, tar
         self.encoder = nn.Embedding(vocab_size, emb_sz)
@@ -201,6 +213,11 @@ def dropouts(reg: Any) -> dict[str, float]:
 
     A regularization config without `dropouts` (default, none) applies `dropout` at every site.
     """
+    if not isinstance(reg.dropout, (int, float)):
+        raise DlrunError(
+            f"regularization.dropout={reg.dropout} is a list, but model=rnn takes one number "
+            "(it scales all five dropouts of regularization.dropouts)"
+        )
     factors = reg.get("dropouts") or {}
     return {site: float(reg.dropout) * float(factors.get(site, 1.0)) for site in SITES}
 

@@ -1,0 +1,110 @@
+"""`dlrun generate RUN_DIR`: sample text from a trained language model.
+
+The model is rebuilt from the run's own config (`RUN_DIR/.hydra/config.yaml`),
+vocabulary (`vocab.json`) and best weights (`best.pt`); the corpus is not read again.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dlrun.errors import DlrunError
+
+USAGE = "dlrun generate RUN_DIR [--prompt TEXT] [-n N] [--temperature T] [--seed S]"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dlrun generate",
+        description="Sample text from a trained language model (a `dlrun train model=rnn` run).",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (has best.pt and vocab.json)")
+    parser.add_argument("--prompt", default=None, help="text to start from (default: a new line)")
+    parser.add_argument("-n", "--n", type=int, default=300, help="tokens to generate (default 300)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="lower is safer, higher is wilder; 0 takes the likeliest token (default 0.8)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the problem; --help exits 0
+        if e.code:
+            raise DlrunError(f"usage: {USAGE}") from None
+        raise
+    if args.n < 1:
+        raise DlrunError(f"-n {args.n} is not allowed: generate at least 1 token")
+    if args.temperature < 0:
+        raise DlrunError(f"--temperature {args.temperature} is not allowed: use 0 (greedy) or more")
+    return args
+
+
+def load(run_dir: Path):  # -> tuple[nn.Module, Vocab]
+    """The run's model with its best weights (on the CPU, in eval mode) and its vocabulary."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from dlrun.data.text import Vocab, data_for_vocab
+    from dlrun.models import build_model
+
+    config, best = run_dir / ".hydra" / "config.yaml", run_dir / "best.pt"
+    if not config.is_file():
+        raise DlrunError(f"{run_dir} is not a dlrun run directory ({config} is missing)")
+    cfg = OmegaConf.load(config)
+    if cfg.get("data", {}).get("kind") != "text":
+        raise DlrunError(
+            f"{run_dir} trained a {cfg.model.name} model on data={cfg.data.name}: "
+            "dlrun generate needs a language-model run (dlrun train model=rnn)"
+        )
+    if not best.is_file():
+        raise DlrunError(f"{best} is missing: the run finished no epoch or had trainer.checkpoint=false")
+    vocab = Vocab.load(run_dir)
+    model = build_model(cfg, data_for_vocab(vocab))
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.eval(), vocab
+
+
+def sample(model, vocab, prompt: str, n: int, temperature: float, seed: int) -> str:
+    """`n` tokens following `prompt`, drawn one at a time, the hidden state carried along."""
+    import torch
+
+    from dlrun.data.text import EOS, tokenize
+
+    if vocab.tokens == "char":
+        start = list(prompt) or ["\n"]
+    else:  # a prompt is not a whole line: no end-of-line token after it
+        start = [t for t in tokenize(prompt, "word") if t != EOS] or [EOS]
+    ids = vocab.encode(start).unsqueeze(0)
+    g = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    model.reset_state()
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(ids)[0, -1].float()
+            if temperature == 0:
+                nxt = int(logits.argmax())
+            else:
+                nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return vocab.decode(out)
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of `dlrun generate`."""
+    import sys
+
+    args = parse(argv)
+    run_dir = Path(args.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise DlrunError(f"{run_dir} does not exist: give the directory of a `dlrun train model=rnn` run")
+    model, vocab = load(run_dir)
+    prompt = args.prompt if args.prompt is not None else ""
+    text = sample(model, vocab, prompt, args.n, args.temperature, args.seed)
+    joiner = "" if vocab.tokens == "char" or not prompt else " "
+    # Plain stdout, not rich: generated text is full of [brackets] rich would read as markup.
+    sys.stdout.write(prompt + joiner + text + "\n")
