@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from dlrun.errors import DlrunError
 
