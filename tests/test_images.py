@@ -75,8 +75,10 @@ def write_cifar10(root: Path, n_per_batch: int = 20) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, n_per_batch).tolist()}
+        batch = {
+            "data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n_per_batch).tolist(),
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     return folder
 
@@ -112,12 +114,22 @@ def test_torchvision_sets_env_var_sets_the_root(tmp_path, monkeypatch):
     assert len(build_data("data=mnist", "data.download=false").valid) == 1
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("mnist", ["MNIST/raw", "train-images-idx3-ubyte(.gz)", "t10k-labels-idx1-ubyte(.gz)",
-               "ossci-datasets.s3.amazonaws.com/mnist"]),
-    ("fashion_mnist", ["FashionMNIST/raw", "train-labels-idx1-ubyte(.gz)"]),
-    ("cifar10", ["cifar-10-batches-py", "data_batch_1", "test_batch", "cifar-10-python.tar.gz"]),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        (
+            "mnist",
+            [
+                "MNIST/raw",
+                "train-images-idx3-ubyte(.gz)",
+                "t10k-labels-idx1-ubyte(.gz)",
+                "ossci-datasets.s3.amazonaws.com/mnist",
+            ],
+        ),
+        ("fashion_mnist", ["FashionMNIST/raw", "train-labels-idx1-ubyte(.gz)"]),
+        ("cifar10", ["cifar-10-batches-py", "data_batch_1", "test_batch", "cifar-10-python.tar.gz"]),
+    ],
+)
 def test_missing_files_say_what_to_put_where(tmp_path, name, expected):
     with pytest.raises(DlrunError) as err:
         build_data(f"data={name}", f"data.root={tmp_path / 'nowhere'}", "data.download=false")
@@ -177,8 +189,9 @@ def image_folder(root: Path, layout: str = "one", n: int = 12) -> Path:
 
 
 def folder_data(path: Path, *overrides: str) -> Data:
-    return build_data("data=imagefolder", f"data.path={path}", "data.size=32", "data.num_workers=0",
-                      "data.bs=8", *overrides)
+    return build_data(
+        "data=imagefolder", f"data.path={path}", "data.size=32", "data.num_workers=0", "data.bs=8", *overrides
+    )
 
 
 def test_image_folder_split_by_valid_pct(tmp_path):
@@ -301,8 +314,10 @@ def test_resnet_pretrained_weights_missing_say_where_to_put_them(tmp_path, monke
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
     assert "model.weights_path" in message and "model.pretrained=false" in message
     with pytest.raises(DlrunError, match="model.weights_path=.*no such file"):
-        build(config("model=resnet", "model.pretrained=true", f"model.weights_path={tmp_path}/x.pth"),
-              fake_data(3, 32))
+        build(
+            config("model=resnet", "model.pretrained=true", f"model.weights_path={tmp_path}/x.pth"),
+            fake_data(3, 32),
+        )
 
 
 def test_resnet_loads_local_weights(tmp_path, monkeypatch):
@@ -327,8 +342,10 @@ def test_resnet_loads_local_weights(tmp_path, monkeypatch):
 
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "other.pth")
     with pytest.raises(DlrunError, match="other.pth does not fit"):
-        build(config("model=resnet", "model.pretrained=true", f"model.weights_path={tmp_path / 'other.pth'}"),
-              fake_data(3, 32))
+        build(
+            config("model=resnet", "model.pretrained=true", f"model.weights_path={tmp_path / 'other.pth'}"),
+            fake_data(3, 32),
+        )
 
 
 # --- end to end, as a user runs it ------------------------------------------------
@@ -343,8 +360,17 @@ def dlrun(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def test_train_cnn_on_an_image_folder(tmp_path):
     path = image_folder(tmp_path / "pics")
-    run = dlrun("train", "model=cnn", "data=imagefolder", f"data.path={path}", "data.size=32",
-                "data.num_workers=0", "data.bs=8", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    run = dlrun(
+        "train",
+        "model=cnn",
+        "data=imagefolder",
+        f"data.path={path}",
+        "data.size=32",
+        "data.num_workers=0",
+        "data.bs=8",
+        "trainer.epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "run" / "metrics.csv").is_file()
     assert (tmp_path / "run" / "classes.json").is_file()
@@ -353,16 +379,27 @@ def test_train_cnn_on_an_image_folder(tmp_path):
 @pytest.mark.slow  # a ResNet step takes seconds on a small CPU
 def test_train_resnet_on_fake_mnist(tmp_path):
     write_mnist(tmp_path / "data")
-    run = dlrun("train", "model=resnet", "data=mnist", f"data.root={tmp_path / 'data'}",
-                "data.download=false", "data.size=8", "data.bs=16", "trainer.epochs=1",
-                "trainer.limit_batches=2", "trainer.checkpoint=false", f"hydra.run.dir={tmp_path / 'run'}")
+    run = dlrun(
+        "train",
+        "model=resnet",
+        "data=mnist",
+        f"data.root={tmp_path / 'data'}",
+        "data.download=false",
+        "data.size=8",
+        "data.bs=16",
+        "trainer.epochs=1",
+        "trainer.limit_batches=2",
+        "trainer.checkpoint=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
 def test_cli_says_where_mnist_goes(tmp_path):
-    run = dlrun("train", "data=mnist", "data.download=false", f"hydra.run.dir={tmp_path / 'run'}",
-                cwd=tmp_path)
+    run = dlrun(
+        "train", "data=mnist", "data.download=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
     assert run.returncode == 2
     assert str(tmp_path / "data" / "MNIST" / "raw") in run.stderr + run.stdout
     assert "Traceback" not in run.stderr

@@ -8,9 +8,18 @@ from conftest import QUICK, dlrun
 
 
 def test_a_sweep_summarises_every_job_even_a_diverged_one(tmp_path):
-    proc = dlrun("train", "-m", f"hydra.sweep.dir={tmp_path}", *QUICK, "trainer.epochs=1",
-                 "trainer.limit_batches=3", "trainer.log_every=1", "optimizer=sgd", "schedule=constant",
-                 "optimizer.lr=0.05,1e12")
+    proc = dlrun(
+        "train",
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        *QUICK,
+        "trainer.epochs=1",
+        "trainer.limit_batches=3",
+        "trainer.log_every=1",
+        "optimizer=sgd",
+        "schedule=constant",
+        "optimizer.lr=0.05,1e12",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(tmp_path / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))

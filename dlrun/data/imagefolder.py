@@ -48,12 +48,30 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
     workers = min(d.num_workers, os.cpu_count() or 1)  # more processes than cores only add contention
     aug, size = d.augment, d.size or 224
     loader = dict(bs=d.bs, device=device, mean=mean, std=std, num_workers=workers)
-    train = LoaderBatches(ImageFiles(train_items, size, train=True, scale_min=aug.scale_min, flip=aug.flip),
-                          shuffle=True, seed=cfg.seed, drop_last=True, split="train", **loader)
-    valid = LoaderBatches(ImageFiles(valid_items, size, train=False),
-                          shuffle=False, seed=cfg.seed, drop_last=False, split="valid", **loader)
-    info = {"n_classes": len(classes), "in_channels": 3, "image_size": (size, size),
-            "classes": classes, "mean": mean, "std": std}
+    train = LoaderBatches(
+        ImageFiles(train_items, size, train=True, scale_min=aug.scale_min, flip=aug.flip),
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=True,
+        split="train",
+        **loader,
+    )
+    valid = LoaderBatches(
+        ImageFiles(valid_items, size, train=False),
+        shuffle=False,
+        seed=cfg.seed,
+        drop_last=False,
+        split="valid",
+        **loader,
+    )
+    info = {
+        "n_classes": len(classes),
+        "in_channels": 3,
+        "image_size": (size, size),
+        "classes": classes,
+        "mean": mean,
+        "std": std,
+    }
 
     def save(run_dir: Path) -> None:
         (Path(run_dir) / "classes.json").write_text(json.dumps(classes, indent=1))
@@ -120,8 +138,9 @@ def class_images(folder: Path, need_two: bool = True) -> dict[str, list[Path]]:
     return images
 
 
-def split(images: dict[str, list[Path]], valid_pct: float,
-          seed: int) -> tuple[list[Item], list[Item], list[str]]:
+def split(
+    images: dict[str, list[Path]], valid_pct: float, seed: int
+) -> tuple[list[Item], list[Item], list[str]]:
     """Hold out `valid_pct` of each class (stratified, fixed by `seed`, not by the run's seed)."""
     rng = np.random.default_rng(seed)
     classes = sorted(images)
@@ -224,8 +243,11 @@ class EpochOrder(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         key = self.seed * 1_000_003 + self.epoch
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(key)).tolist()
-                 if self.shuffle else range(self.n))
+        order = (
+            torch.randperm(self.n, generator=torch.Generator().manual_seed(key)).tolist()
+            if self.shuffle
+            else range(self.n)
+        )
         for pos in range(self.start, self.n):
             yield order[pos], key * 1_000_003 + pos
 
@@ -234,8 +256,19 @@ class LoaderBatches:
     """`Batches` streamed by a DataLoader: decoded in workers, moved to the device and
     normalised there (uint8 travels: a quarter of the float32 traffic)."""
 
-    def __init__(self, dataset: ImageFiles, bs: int, shuffle: bool, seed: int, drop_last: bool,
-                 device: torch.device, mean: list[float], std: list[float], num_workers: int, split: str):
+    def __init__(
+        self,
+        dataset: ImageFiles,
+        bs: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        device: torch.device,
+        mean: list[float],
+        std: list[float],
+        num_workers: int,
+        split: str,
+    ):
         n = len(dataset)
         if drop_last and bs > n:
             raise DlrunError(
@@ -245,8 +278,13 @@ class LoaderBatches:
         self.order = EpochOrder(n, shuffle, seed)
         cuda = device.type == "cuda"
         self.loader = DataLoader(
-            dataset, batch_size=bs, sampler=self.order, drop_last=drop_last, num_workers=num_workers,
-            pin_memory=cuda, persistent_workers=num_workers > 0,
+            dataset,
+            batch_size=bs,
+            sampler=self.order,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=cuda,
+            persistent_workers=num_workers > 0,
             generator=torch.Generator(),  # workers' seeds come from here, not from the global RNG
         )
         self.mean = torch.tensor(mean, device=device).reshape(1, 3, 1, 1) * 255

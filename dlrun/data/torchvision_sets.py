@@ -35,14 +35,26 @@ class Source:
     torchvision_class: str
 
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 SOURCES = {
     "mnist": Source("MNIST/raw", MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/", "MNIST"),
-    "fashion_mnist": Source("FashionMNIST/raw", MNIST_FILES,
-                            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", "FashionMNIST"),
-    "cifar10": Source("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
-                      "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "CIFAR10"),
+    "fashion_mnist": Source(
+        "FashionMNIST/raw",
+        MNIST_FILES,
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "FashionMNIST",
+    ),
+    "cifar10": Source(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "CIFAR10",
+    ),
 }
 N_CLASSES = 10
 # Seconds to wait for the download server; offline machines fail at once or after this.
@@ -61,8 +73,9 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
     root = Path(cfg.data.root).expanduser().resolve()
     if missing_files(root, source):
         download(name, root, source, cfg.data.download)
-    x_train, y_train, x_valid, y_valid = read_cifar10(root / source.folder) if name == "cifar10" \
-        else read_mnist(root / source.folder)
+    x_train, y_train, x_valid, y_valid = (
+        read_cifar10(root / source.folder) if name == "cifar10" else read_mnist(root / source.folder)
+    )
     # uint8 on the device, floats made there: a quarter of the host-to-device traffic.
     x = torch.from_numpy(np.concatenate([x_train, x_valid])).to(device).float().div_(255)
     y = torch.from_numpy(np.concatenate([y_train, y_valid]).astype(np.int64))
@@ -92,8 +105,7 @@ def download(name: str, root: Path, source: Source, allowed: bool | str) -> None
             return
     folder = root / source.folder
     files = ", ".join(f"{f}(.gz)" if source.folder.endswith("raw") else f for f in source.files)
-    how = (f"unpack {source.url} in {root}" if name == "cifar10"
-           else f"download them from {source.url}")
+    how = f"unpack {source.url} in {root}" if name == "cifar10" else f"download them from {source.url}"
     raise DlrunError(
         f"data={name}: the files are not in {folder} and were not downloaded ({why}). "
         f"Put {files} in {folder} ({how}), or point data.root (or the DLRUN_DATA environment variable) "
