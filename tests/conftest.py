@@ -63,11 +63,13 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 def compose(*overrides: str, config_name: str = "train"):
-    """The composed config, as dlrun would build it, for in-process tests."""
+    """The composed config a user would get from `dlrun train OVERRIDES`, checked as the CLI checks it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dlrun.config import configs_dir
+    from dlrun.config import configs_dir, validate
 
     with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="test"):
-        return hydra_compose(config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name, overrides=list(overrides))
+    validate(cfg)
+    return cfg

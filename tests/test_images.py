@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
+from conftest import compose
 from PIL import Image
 
-from dlrun.config import validate
 from dlrun.data import Data
 from dlrun.errors import DlrunError
 
@@ -30,10 +29,7 @@ CPU = torch.device("cpu")
 
 def config(*overrides: str):
     """The composed config a user would get from `dlrun train OVERRIDES`, checked like the CLI does."""
-    with initialize_config_dir(version_base=None, config_dir=str(REPO / "configs")):
-        cfg = compose("train", overrides=list(overrides))
-    validate(cfg)
-    return cfg
+    return compose(*overrides)
 
 
 def build_data(*overrides: str) -> Data:

@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose
 
-from dlrun.config import validate
 from dlrun.errors import DlrunError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,10 +27,7 @@ CPU = torch.device("cpu")
 
 def config(*overrides: str):
     """The composed config a user would get from `dlrun train OVERRIDES`, checked like the CLI does."""
-    with initialize_config_dir(version_base=None, config_dir=str(REPO / "configs")):
-        cfg = compose("train", overrides=list(overrides))
-    validate(cfg)
-    return cfg
+    return compose(*overrides)
 
 
 def build_data(*overrides: str):
