@@ -116,7 +116,7 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
     cfg = rundir.load_config(run)
     if cfg.get("model", {}).get("family") != "tabular":
         family = cfg.get("model", {}).get("family")
-        raise DlrunError(f"{run} is a {family} run: dlrun embeddings needs a model=tabular run")
+        raise DlrunError(f"{run} is a run of the {family} family: dlrun embeddings needs a model=tabular run")
     data = build_data(cfg, torch.device("cpu"))
     model = build_model(cfg, data)
     state = torch.load(run / rundir.BEST, map_location="cpu", weights_only=True)["model"]

@@ -208,6 +208,12 @@ class RunState:
     best: dict[str, float] | None = None
     best_epoch: int = 0
 
+    def count_time(self, seconds: float, items: int) -> None:
+        """Add a stretch of training time and the items trained in it."""
+        self.epoch_seconds += seconds
+        self.train_seconds += seconds
+        self.train_items += items
+
 
 class StopRequest:
     """Turns the first Ctrl-C (or SIGTERM) into a flag the loop checks between steps,
@@ -363,18 +369,12 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                 if stop.requested:
                     # Checked after the step and before the next batch is drawn: the saved
                     # RNG state has not yet been used for the next batch's augmentation.
-                    seconds = time.perf_counter() - t0
-                    state.epoch_seconds += seconds
-                    state.train_seconds += seconds
-                    state.train_items += state.items - items0
+                    state.count_time(time.perf_counter() - t0, state.items - items0)
                     if tr.checkpoint:
                         save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
                     summary.write("interrupted", metrics_log.rows)
                     raise Interrupted
-            seconds = time.perf_counter() - t0
-            state.epoch_seconds += seconds
-            state.train_seconds += seconds
-            state.train_items += state.items - items0
+            state.count_time(time.perf_counter() - t0, state.items - items0)
             train_loss = (state.loss_sum / max(state.items, 1)).item()
             valid, monitor = evaluate(learner, tr.limit_batches)
             row = {
