@@ -199,6 +199,7 @@ class RunState:
     batch: int = 0  # batches of the current epoch already done
     step: int = 0  # optimizer steps so far
     lr: float = 0.0  # the peak learning rate (the finder's suggestion with lr=find)
+    last_lr: float = 0.0  # the rate of the last step taken (metrics.csv's lr column)
     loss_sum: Any = 0.0  # training loss of the current epoch so far, summed over items
     items: int = 0  # items of the current epoch so far
     epoch_seconds: float = 0.0  # training time of the current epoch so far
@@ -328,7 +329,6 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
     if state.epoch == 0 and state.batch == 0:
         log.info("training on %s (%s) at lr %.3g", learner.device, learner.precision, state.lr)
 
-    lr = state.lr
     with StopRequest() as stop, report.EpochDisplay(tr.progress) as display:
         for row in metrics_log.rows:
             display.row(row)
@@ -349,6 +349,7 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                 if data.lr_scale is not None:
                     lr *= data.lr_scale(x)
                 loss = train_step(learner, x, y, lr, momentum)
+                state.last_lr = lr
                 k = y.numel()
                 state.loss_sum.add_(loss, alpha=k)  # one kernel, no host sync
                 state.items += k
@@ -381,7 +382,7 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
                 **valid,
-                "lr": lr,
+                "lr": state.last_lr,
                 "seconds": state.epoch_seconds,
             }
             metrics_log.append(row)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose, summary
+from conftest import compose, metrics_rows, summary
 from torch import nn
 
 import dlrun.train
@@ -84,3 +84,40 @@ def test_auto_bs_retries_at_half_the_batch_size_until_it_fits(tmp_path, oom_abov
     assert result["status"] == "completed"
     assert [m.sizes[0] for m in made] == [64, 32, 16]  # each attempt starts afresh at half the size
     assert cfg.data.bs == 16
+
+
+class StopAfter:
+    """Stands in for the Ctrl-C handler: asks the loop to stop once `steps` steps are done
+    (the loop looks at `requested` once after every step)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.seen = steps, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.seen += 1
+        return self.seen == self.steps
+
+
+@pytest.mark.parametrize("stop_at", [6, 7, 8], ids=["epoch-end", "epoch-start", "mid-epoch"])
+def test_resume_from_any_step_gives_the_uninterrupted_metrics(tmp_path, monkeypatch, stop_at):
+    # 3 batches an epoch: step 6 ends epoch 2, step 7 is the first of epoch 3.
+    args = ("trainer.epochs=4", "trainer.limit_batches=3", "trainer.progress=false", "seed=2")
+    full = tmp_path / "full"
+    full.mkdir()
+    dlrun.train.fit(compose(*args), full)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    monkeypatch.setattr(dlrun.train, "StopRequest", lambda: StopAfter(stop_at))
+    with pytest.raises(dlrun.train.Interrupted):
+        dlrun.train.fit(compose(*args), cut)
+    assert summary(cut)["status"] == "interrupted"
+    monkeypatch.undo()
+    dlrun.train.fit(compose(*args, f"resume={cut}"), cut)
+    assert metrics_rows(cut) == metrics_rows(full)
