@@ -104,7 +104,7 @@ def test_lr_find_writes_its_outputs_and_shows_the_curve(run_dir):
         assert (run_dir / name).is_file(), name
     info = json.loads((run_dir / "lr_find.json").read_text())
     assert set(info["suggestions"]) == {"minimum", "steep", "valley"}
-    assert info["suggest"] == "valley" and info["lr"] == info["suggestions"]["valley"]
+    assert info["suggest"] == "steep" and info["lr"] == info["suggestions"]["steep"]
     assert isinstance(info["stopped_early"], bool)
     header = (run_dir / "lr_find.csv").read_text().splitlines()[0]
     assert header == "lr,loss,smoothed_loss"
