@@ -8,6 +8,7 @@ the plot and CSV/JSON writing are timed on their own.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from common import compare, compose
 
 from dlrun.lr_find import range_test, save
+from dlrun.optim import build_optimizer
 from dlrun.train import prepare
 
 
@@ -29,7 +31,11 @@ def main() -> None:
     learner = prepare(cfg)
     device = learner.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model, opt, data = learner.model, learner.optimizer, learner.data
+    data = learner.data
+    # The plain loop trains its own copy: the range test must start from the untrained model
+    # every time (from a trained one its 4x-the-best rule stops after a few noisy steps).
+    model = copy.deepcopy(learner.model)
+    opt, _ = build_optimizer(cfg, model, device)
 
     def batches():
         epoch = 0
