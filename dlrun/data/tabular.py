@@ -144,12 +144,17 @@ def check_columns(df: pd.DataFrame, dcfg: Any) -> None:
         raise DlrunError("no input columns: list some in data.cat_names, data.cont_names or data.date_names")
 
 
+def first_unparsed(raw: pd.Series, parsed: pd.Series) -> int | None:
+    """The position of the first value that was there but did not parse, if any."""
+    bad = (parsed.isna() & raw.notna()).to_numpy()
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
 def numbers(col: pd.Series, what: str) -> pd.Series:
     """A column as float64; a value that is not a number is an error naming its row."""
     num = pd.to_numeric(col, errors="coerce").astype("float64")
-    bad = num.isna() & col.notna()
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+    row = first_unparsed(col, num)
+    if row is not None:
         raise DlrunError(
             f"{what}: column {col.name!r} has the non-numeric value {col.iloc[row]!r} in data row {row + 1} "
             f"(rows counted from 1 after the header): fix the value, mark it as missing with "
@@ -161,9 +166,8 @@ def numbers(col: pd.Series, what: str) -> pd.Series:
 def parse_dates(col: pd.Series) -> pd.Series:
     """A column as datetimes; a value that is not a date is an error naming its row."""
     dates = pd.to_datetime(col, errors="coerce")
-    bad = dates.isna() & col.notna()
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+    row = first_unparsed(col, dates)
+    if row is not None:
         raise DlrunError(
             f"data.date_names: column {col.name!r} has {col.iloc[row]!r} in data row {row + 1}, "
             f"which is not a date"
