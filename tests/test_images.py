@@ -10,14 +10,14 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import compose
+from conftest import compose as config
+from conftest import dlrun
 from PIL import Image
 
 from dlrun.data import Data
@@ -25,11 +25,6 @@ from dlrun.errors import DlrunError
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def config(*overrides: str):
-    """The composed config a user would get from `dlrun train OVERRIDES`, checked like the CLI does."""
-    return compose(*overrides)
 
 
 def build_data(*overrides: str) -> Data:
@@ -345,13 +340,6 @@ def test_resnet_loads_local_weights(tmp_path, monkeypatch):
 
 
 # --- end to end, as a user runs it ------------------------------------------------
-
-
-def dlrun(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    exe = REPO / ".venv" / "bin" / "dlrun"
-    if not exe.exists():
-        pytest.skip("the dlrun command is not installed")
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_train_cnn_on_an_image_folder(tmp_path):

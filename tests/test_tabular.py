@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose
+from conftest import compose as config
+from conftest import dlrun
 
 from dlrun.errors import DlrunError
 
@@ -25,21 +25,10 @@ ADULT = REPO.parent / "shared" / "data" / "adult" / "adult.data"
 CPU = torch.device("cpu")
 
 
-def config(*overrides: str):
-    """The composed config a user would get from `dlrun train OVERRIDES`, checked like the CLI does."""
-    return compose(*overrides)
-
-
 def build_data(*overrides: str):
     from dlrun.data import build_data
 
     return build_data(config("model=tabular", *overrides), CPU)
-
-
-def dlrun(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(REPO / ".venv" / "bin" / "dlrun"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
 
 
 def sales_csv(tmp_path: Path) -> Path:
