@@ -23,7 +23,6 @@ from PIL import Image
 from dlrun.data import Data
 from dlrun.errors import DlrunError
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 

@@ -15,13 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, SHARED_DATA, dlrun
 from conftest import compose as config
-from conftest import dlrun
 
 from dlrun.errors import DlrunError
 
-REPO = Path(__file__).resolve().parents[1]
-ADULT = REPO.parent / "shared" / "data" / "adult" / "adult.data"
+ADULT = SHARED_DATA / "adult" / "adult.data"
 CPU = torch.device("cpu")
 
 
