@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common import compare, compose
 
 from dlrun.data import Data, TensorBatches
-from dlrun.data.digits import classification_loss
+from dlrun.losses import classification_loss
 from dlrun.metrics import Accuracy
 from dlrun.models import build_model
 from dlrun.optim import build_optimizer

@@ -9,12 +9,8 @@ from omegaconf import DictConfig
 
 from dlrun.data import Data, TensorBatches
 from dlrun.data.augment import Augmented
+from dlrun.losses import classification_loss
 from dlrun.metrics import Accuracy
-
-
-def classification_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy, computed in fp32 even under autocast."""
-    return F.cross_entropy(out.float(), y)
 
 
 def split_indices(n: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

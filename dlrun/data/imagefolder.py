@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.functional import pil_to_tensor
 
 from dlrun.data import Data
-from dlrun.data.digits import classification_loss
 from dlrun.errors import DlrunError
+from dlrun.losses import classification_loss
 from dlrun.metrics import Accuracy
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

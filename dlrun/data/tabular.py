@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from dlrun.config import closest
 from dlrun.data import Data, TensorBatches
 from dlrun.errors import DlrunError
+from dlrun.losses import classification_loss
 from dlrun.metrics import Accuracy
 
 log = logging.getLogger(__name__)
@@ -387,10 +388,6 @@ def mse_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out.squeeze(-1).float(), y)
 
 
-def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.float(), y)
-
-
 class Metrics:
     """Regression metrics on the original scale (exp of the prediction with `data.log_y`):
     rmse, mae, and rmspe (root mean squared percentage error, Rossmann's metric) when every
@@ -440,7 +437,7 @@ def build(cfg: Any, device: torch.device) -> Data:
     valid = TensorBatches(*tensors("valid"), bs, shuffle=False, split="valid")
 
     if table.task == "classification":
-        loss, metrics = cross_entropy, Accuracy
+        loss, metrics = classification_loss, Accuracy
         n_out = len(table.classes)
     else:
         loss, n_out = mse_loss, 1
