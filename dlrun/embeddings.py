@@ -119,10 +119,7 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
         raise DlrunError(f"{run} is a run of the {family} family: dlrun embeddings needs a model=tabular run")
     data = build_data(cfg, torch.device("cpu"))
     model = build_model(cfg, data)
-    state = torch.load(run / rundir.BEST, map_location="cpu", weights_only=True)["model"]
-    # A run trained with trainer.compile=true saves the compiled wrapper's names.
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    model.load_state_dict(state)
+    rundir.load_weights(model, run)
     return cfg, data, model.eval()
 
 

@@ -10,8 +10,6 @@ from dlrun import report, rundir
 def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = None) -> dict[str, float]:
     """Rebuild the run's data and model from its saved config, load `weights`, and
     return the validation metrics."""
-    import torch
-
     from dlrun.train import evaluate, prepare
 
     path = rundir.existing_run(run_dir, need=weights)
@@ -20,8 +18,7 @@ def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = 
     if device:
         cfg.trainer.device = device
     learner = prepare(cfg)
-    state = torch.load(path / weights, map_location=learner.device, weights_only=True)
-    learner.model.load_state_dict(state["model"])
+    rundir.load_weights(learner.model, path, weights, learner.device)
     metrics, _ = evaluate(learner)
     return metrics
 

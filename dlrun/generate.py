@@ -44,27 +44,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def load(run_dir: Path):  # -> tuple[nn.Module, Vocab]
     """The run's model with its best weights (on the CPU, in eval mode) and its vocabulary."""
-    import torch
-    from omegaconf import OmegaConf
-
+    from dlrun import rundir
     from dlrun.data.text import Vocab, data_for_vocab
     from dlrun.models import build_model
 
-    config, best = run_dir / ".hydra" / "config.yaml", run_dir / "best.pt"
-    if not config.is_file():
-        raise DlrunError(f"{run_dir} is not a dlrun run directory ({config} is missing)")
-    cfg = OmegaConf.load(config)
+    cfg = rundir.load_config(rundir.existing_run(run_dir, need=""))
     if cfg.get("data", {}).get("kind") != "text":
         raise DlrunError(
             f"{run_dir} trained a {cfg.model.name} model on data={cfg.data.name}: "
             "dlrun generate needs a language-model run (dlrun train model=rnn)"
         )
-    if not best.is_file():
-        raise DlrunError(f"{best} is missing: the run finished no epoch or had trainer.checkpoint=false")
     vocab = Vocab.load(run_dir)
     model = build_model(cfg, data_for_vocab(vocab))
-    state = torch.load(best, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    rundir.load_weights(model, run_dir)
     return model.eval(), vocab
 
 

@@ -74,8 +74,24 @@ def existing_run(run_dir: str | Path, need: str = SUMMARY) -> Path:
             f"{run_dir} is not a dlrun run directory (no {CONFIG}): give a directory that `dlrun train` wrote"
         )
     if need and not (path / need).is_file():
-        raise DlrunError(f"{run_dir} has no {need}: the run did not get far enough to write it")
+        raise missing(run_dir, need)
     return path
+
+
+def missing(run_dir: str | Path, name: str) -> DlrunError:
+    """The error for a run directory without `name` (best.pt, checkpoint.pt...)."""
+    return DlrunError(f"{run_dir} has no {name}: the run did not get far enough to write it")
+
+
+def load_weights(model: Any, run_dir: Path, name: str = BEST, device: Any = "cpu") -> None:
+    """Load a run's saved weights (best.pt or checkpoint.pt) into `model`; only tensors and
+    plain data are unpickled (weights_only=True)."""
+    import torch
+
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise missing(run_dir, name)
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
 
 
 def load_config(run_dir: Path) -> Any:

@@ -339,6 +339,11 @@ def test_generate_needs_a_language_model_run(tmp_path: Path) -> None:
     assert_user_error(dlrun("generate", str(tmp_path), "-n", "0"), "-n 0")
 
 
+def test_generate_from_a_run_without_best_weights_says_so(corpus: Path, run_dir: Path) -> None:
+    train(run_dir, *TINY, "data=text", f"data.path={corpus}", "trainer.checkpoint=false")
+    assert_user_error(dlrun("generate", str(run_dir)), "has no best.pt")
+
+
 def test_vocab_of_a_non_text_run_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(DlrunError, match="text run"):
         Vocab.load(tmp_path)
