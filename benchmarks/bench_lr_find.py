@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from common import compare, compose
 
+from dlrun.learner import prepare
 from dlrun.lr_find import range_test, save
 from dlrun.optim import build_optimizer
-from dlrun.train import prepare
 
 
 def main() -> None:

@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dlrun.config import validate  # noqa: E402
-from dlrun.data import build_data  # noqa: E402
-from dlrun.models import build_model  # noqa: E402
+from dlrun.family import build_data, build_model  # noqa: E402
 from dlrun.models.rnn import detach  # noqa: E402
 
 NO_REGULARIZATION = ["regularization.dropout=0", "regularization.ar=0", "regularization.tar=0"]
@@ -88,7 +87,7 @@ def plain_rates(cfg, model: nn.Module | None) -> list[float]:
     data = build_data(cfg, torch.device("cpu"))
     m = cfg.model
     plain = model is None
-    model = PlainLSTM(data.info["vocab_size"], m.emb_sz, m.n_hid, m.n_layers) if plain else model
+    model = PlainLSTM(data.facts.vocab_size, m.emb_sz, m.n_hid, m.n_layers) if plain else model
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(cfg.optimizer.lr), weight_decay=cfg.regularization.wd
     )

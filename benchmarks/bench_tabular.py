@@ -26,8 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dlrun.config import validate  # noqa: E402
-from dlrun.data import build_data  # noqa: E402
-from dlrun.models import build_model  # noqa: E402
+from dlrun.family import build_data, build_model  # noqa: E402
 
 FASTAI_REFERENCE = {64: 2.18, 1024: 0.22}  # s/epoch, measured once on the 2-core CPU (fastai 2.8.12)
 
@@ -62,7 +61,7 @@ def plain_epochs(cfg) -> list[float]:
     """The same model and whole-tensor batches, trained by the shortest loop that does the job."""
     torch.manual_seed(cfg.seed)
     data = build_data(cfg, torch.device("cpu"))
-    model = build_model(cfg, data)
+    model = build_model(cfg, data.facts)
     # foreach: the multi-tensor update dlrun uses on the CPU (the per-tensor default costs
     # several times more per step for a net of ~30 small tensors).
     opt = torch.optim.AdamW(

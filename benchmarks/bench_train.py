@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from common import compare, compose
 
-from dlrun.data import Data, TensorBatches
+from dlrun.data import TensorBatches
+from dlrun.data.images import ImageFacts
+from dlrun.family import Data, build_model
+from dlrun.learner import Learner, pick_precision, prepare
 from dlrun.losses import classification_loss
 from dlrun.metrics import Accuracy
-from dlrun.models import build_model
 from dlrun.optim import build_optimizer
-from dlrun.train import Learner, fit, pick_precision, prepare
+from dlrun.train import fit
 
 
 def plain_epochs(model, opt, x, y, xv, yv, bs, epochs, autocast):
@@ -61,37 +63,35 @@ def synthetic_learner(cfg, n_train: int, n_valid: int, size: int) -> Learner:
     x = torch.randn(n_train + n_valid, 1, size, size, generator=g).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (n_train + n_valid,), generator=g).to(device)
     bs = cfg.data.bs
+    classes = tuple(str(c) for c in range(10))
+    facts = ImageFacts(n_out=10, channels=1, size=(size, size), classes=classes, mean=(0.0,), std=(1.0,))
     data = Data(
         train=TensorBatches(x[:n_train], y[:n_train], bs, shuffle=True, drop_last=True),
         valid=TensorBatches(x[n_train:], y[n_train:], bs, shuffle=False),
         loss=classification_loss,
         metrics=Accuracy,
-        info={"n_classes": 10, "in_channels": 1, "image_size": (size, size)},
+        facts=facts,
     )
-    model = build_model(cfg, data).to(device)
+    model = build_model(cfg, facts).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     precision, autocast, scaler = pick_precision(str(cfg.trainer.precision), device)
     opt, decay = build_optimizer(cfg, model, device)
     return Learner(
-        cfg,
-        device,
-        data,
-        model,
-        model,
-        opt,
-        precision,
-        autocast,
-        scaler,
-        None,
-        list(model.parameters()),
-        decay,
+        device=device,
+        data=data,
+        model=model,
+        optimizer=opt,
+        precision=precision,
+        autocast=autocast,
+        scaler=scaler,
+        decay=decay,
     )
 
 
-def run(name: str, learner: Learner, epochs: int) -> float:
-    cfg, data = learner.cfg, learner.data
-    plain_model = build_model(cfg, data).to(learner.device)
+def run(name: str, cfg, learner: Learner, epochs: int) -> float:
+    data = learner.data
+    plain_model = build_model(cfg, data.facts).to(learner.device)
     if learner.device.type == "cuda":
         plain_model = plain_model.to(memory_format=torch.channels_last)
     # A hand-written loop's AdamW, weight decay on every parameter, one group.
@@ -135,9 +135,10 @@ def main() -> None:
         "schedule=constant",
     ]
     cfg = compose(*common)
-    run(f"digits 8x8, epochs x{args.epochs}", prepare(cfg), args.epochs)
+    run(f"digits 8x8, epochs x{args.epochs}", cfg, prepare(cfg), args.epochs)
     run(
         f"synthetic 28x28 x{args.n}, epochs x{args.epochs}",
+        cfg,
         synthetic_learner(cfg, args.n, args.n // 6, 28),
         args.epochs,
     )

@@ -121,7 +121,7 @@ def dispatch(argv: list[str]) -> int:
         module = importlib.import_module(PLAIN_COMMANDS[command][0])
         module.main(rest)
         return 0
-    from dlrun.config import closest
+    from dlrun.errors import closest
 
     hint = closest(command, COMMANDS)
     raise DlrunError(
@@ -156,13 +156,14 @@ def run_hydra(command: str, args: list[str]) -> int:
     """Run `command`'s task through Hydra, after checking the overrides ourselves."""
     import hydra
 
-    from dlrun.config import configs_dir
+    from dlrun.config_tree import configs_dir
 
     config_name = HYDRA_COMMANDS[command][0]
     if command == "train":
         args = expand_resume(args)
     if not any(a.split("=")[0] in NO_PREFLIGHT for a in args):
-        preflight(config_name, args)
+        # Printing the config (--cfg job) must not import torch, which the family checks do.
+        preflight(config_name, args, deep=not any(a in ("--cfg", "-c") for a in args))
     sys.argv = ["dlrun"] + args
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(
         make_task(command)
@@ -214,7 +215,7 @@ def quote(value: str) -> str:
 # --- checking overrides before Hydra runs anything ---------------------------------
 
 
-def preflight(config_name: str, args: list[str]) -> None:
+def preflight(config_name: str, args: list[str], deep: bool = True) -> None:
     """Compose the config the way Hydra will, and turn a misspelt key, an unknown group
     option or a bad value into one clear DlrunError. Sweeps are checked value by value."""
     from hydra._internal.utils import get_args_parser
@@ -233,7 +234,7 @@ def preflight(config_name: str, args: list[str]) -> None:
             f"(dlrun {config_name.replace('_', '-')} -m ...)"
         )
     for job in job_variants(overrides):
-        check_job(config_name, job)
+        check_job(config_name, job, deep)
 
 
 def job_variants(overrides: list[Any]) -> list[list[Any]]:
@@ -259,12 +260,14 @@ def job_variants(overrides: list[Any]) -> list[list[Any]]:
     return jobs
 
 
-def check_job(config_name: str, job: list[str]) -> None:
+def check_job(config_name: str, job: list[str], deep: bool = True) -> None:
     """Check one job's overrides: group options exist, keys exist, values are allowed."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from dlrun.config import GROUPS, closest, configs_dir, group_options, validate
+    from dlrun.config import GROUPS, validate
+    from dlrun.config_tree import configs_dir, group_options
+    from dlrun.errors import closest
 
     parsed = OverridesParser.create().parse_overrides(job)
     is_group = [o.key_or_group in GROUPS or "/" in o.key_or_group for o in parsed]
@@ -301,7 +304,7 @@ def check_job(config_name: str, job: list[str]) -> None:
             cfg = compose(config_name, overrides=job)
         except Exception as e:  # noqa: BLE001
             raise DlrunError(first_line(e)) from e
-    validate(cfg)
+    validate(cfg, deep)
 
 
 def flat_keys(cfg: Any, prefix: str = "") -> set[str]:

@@ -25,9 +25,9 @@ from dlrun.errors import DlrunError
 USAGE = "usage: dlrun embeddings RUN_DIR   (a run directory of `dlrun train model=tabular ...`)"
 
 
-def embedding_tables(model: Any, info: dict[str, Any]) -> dict[str, np.ndarray]:
+def embedding_tables(model: Any, cat_names: list[str]) -> dict[str, np.ndarray]:
     """Column name -> its embedding matrix [n_levels, width] (row i is level i)."""
-    return {name: e.weight.detach().cpu().numpy() for name, e in zip(info["cat_names"], model.embeds)}
+    return {name: e.weight.detach().cpu().numpy() for name, e in zip(cat_names, model.embeds)}
 
 
 def write_embeddings(
@@ -92,35 +92,33 @@ def estimators(task: str, seed: int) -> dict[str, Any]:
     }
 
 
-def compare(info: dict[str, Any], tables: dict[str, np.ndarray], metric: str, seed: int = 0) -> list[dict]:
+def compare(table: Any, tables: dict[str, np.ndarray], metric: str, seed: int = 0) -> list[dict]:
     """Fit each estimator without and with the embeddings; one row per estimator."""
-    a = info["arrays"]()
+    a = table.arrays()
     rows = []
-    for label, est in estimators(info["task"], seed).items():
+    for label, est in estimators(table.task, seed).items():
         row: dict[str, Any] = {"model": label, "metric": metric}
         for column, tabs in (("without_embeddings", None), ("with_embeddings", tables)):
             est.fit(features(a["cat_train"], a["cont_train"], tabs), a["y_train"])
             pred = est.predict(features(a["cat_valid"], a["cont_valid"], tabs))
-            row[column] = score(info["task"], info["log_y"], metric, pred, a["y_valid"])
+            row[column] = score(table.task, table.log_y, metric, pred, a["y_valid"])
         rows.append(row)
     return rows
 
 
 def load_run(run: Path) -> tuple[Any, Any, Any]:
-    """The run's config, data (on the CPU) and model with the best weights."""
-    import torch
-
-    from dlrun.data import build_data
-    from dlrun.models import build_model
+    """The run's config, processed table and model with the best weights."""
+    from dlrun.data.tabular import load_table, table_facts
+    from dlrun.family import build_model
 
     cfg = rundir.load_config(run)
     if cfg.get("model", {}).get("family") != "tabular":
         family = cfg.get("model", {}).get("family")
         raise DlrunError(f"{run} is a run of the {family} family: dlrun embeddings needs a model=tabular run")
-    data = build_data(cfg, torch.device("cpu"))
-    model = build_model(cfg, data)
+    table = load_table(cfg.data)
+    model = build_model(cfg, table_facts(table))
     rundir.load_weights(model, run)
-    return cfg, data, model.eval()
+    return cfg, table, model.eval()
 
 
 def main(argv: list[str]) -> None:
@@ -131,9 +129,8 @@ def main(argv: list[str]) -> None:
     if len(argv) != 1:
         raise DlrunError(USAGE)
     run = rundir.existing_run(argv[0], need=rundir.BEST)
-    cfg, data, model = load_run(run)
-    info = data.info
-    if not info["cat_names"]:
+    cfg, table, model = load_run(run)
+    if not table.cat_names:
         raise DlrunError(f"{run} has no categorical columns, so no embeddings to export")
 
     from rich.console import Console
@@ -142,14 +139,17 @@ def main(argv: list[str]) -> None:
     console = Console(highlight=False)
     out_dir = run / "embeddings"
     out_dir.mkdir(exist_ok=True)
-    tables = embedding_tables(model, info)
-    written = write_embeddings(out_dir, tables, info["levels"])
+    tables = embedding_tables(model, table.cat_names)
+    written = write_embeddings(out_dir, tables, table.levels)
     console.print(f"wrote {len(written)} embedding tables to {out_dir}/")
 
     summary = rundir.read_json(run / rundir.SUMMARY) if (run / rundir.SUMMARY).is_file() else {}
-    metric = data.metrics().monitor
+    from dlrun.data.tabular import loss_and_metrics
+
+    metrics = loss_and_metrics(table)[1]()
+    metric = metrics.monitor
     with console.status("fitting k-NN, random forest and gradient boosting, without and with embeddings"):
-        rows = compare(info, tables, metric, seed=int(cfg.get("seed", 0)))
+        rows = compare(table, tables, metric, seed=int(cfg.get("seed", 0)))
     network = summary.get("best", {}).get(metric)
     rows.append(
         {
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
 
     table = Table(
         title=f"{metric} on the validation split of {run.name}"
-        f" ({'higher' if metric == 'accuracy' else 'lower'} is better)"
+        f" ({'higher' if metrics.mode == 'max' else 'lower'} is better)"
     )
     table.add_column("model")
     table.add_column("ordinal codes", justify="right")

@@ -1,5 +1,16 @@
 """The one exception type for mistakes a user can make and fix."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class DlrunError(Exception):
     """A user-fixable problem; the CLI prints its message and exits with code 2."""
+
+
+def closest(word: str, options: Iterable[str]) -> str | None:
+    """The option most like a misspelt `word`, if any is close (for "did you mean" hints)."""
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return match[0] if match else None

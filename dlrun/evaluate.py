@@ -10,7 +10,7 @@ from dlrun import report, rundir
 def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = None) -> dict[str, float]:
     """Rebuild the run's data and model from its saved config, load `weights`, and
     return the validation metrics."""
-    from dlrun.train import evaluate, prepare
+    from dlrun.learner import evaluate, prepare
 
     path = rundir.existing_run(run_dir, need=weights)
     cfg = rundir.load_config(path)

@@ -45,8 +45,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def load(run_dir: Path):  # -> tuple[nn.Module, Vocab]
     """The run's model with its best weights (on the CPU, in eval mode) and its vocabulary."""
     from dlrun import rundir
-    from dlrun.data.text import Vocab, data_for_vocab
-    from dlrun.models import build_model
+    from dlrun.data.text import Vocab, text_facts
+    from dlrun.family import build_model
 
     cfg = rundir.load_config(rundir.existing_run(run_dir, need=""))
     if cfg.get("data", {}).get("kind") != "text":
@@ -55,7 +55,7 @@ def load(run_dir: Path):  # -> tuple[nn.Module, Vocab]
             "dlrun generate needs a language-model run (dlrun train model=rnn)"
         )
     vocab = Vocab.load(run_dir)
-    model = build_model(cfg, data_for_vocab(vocab))
+    model = build_model(cfg, text_facts(vocab, cfg.data.bptt))
     rundir.load_weights(model, run_dir)
     return model.eval(), vocab
 

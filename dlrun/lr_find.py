@@ -1,7 +1,7 @@
 """The learning-rate range test (Smith 2015, as fastai's `lr_find`).
 
 Train from `start_lr` to `end_lr` on an exponential schedule, one mini-batch per rate,
-with the run's own loss, regularization, precision and clipping (`train.train_step`);
+with the run's own loss, regularization, precision and clipping (`learner.train_step`);
 watch a smoothed loss; stop when it blows up; put everything back as it was; suggest
 a rate.
 """
@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from dlrun import report, rundir
-from dlrun.train import Learner, prepare, reset_state, train_step
+from dlrun.learner import Learner, prepare, train_step
 
 SUGGESTIONS = ("minimum", "steep", "valley")
 
@@ -96,7 +96,7 @@ class Snapshot:
             learner.scaler.load_state_dict(self.scaler)
         learner.optimizer.zero_grad(set_to_none=True)
         learner.model.train(self.training)
-        reset_state(learner.model)
+        learner.reset_state()
         torch.set_rng_state(self.rng[0])
         random.setstate(self.rng[1])
         np.random.set_state(self.rng[2])
@@ -134,7 +134,7 @@ def range_test(
     smoothed: list[float] = []
     avg, best, stopped_early = 0.0, math.inf, False
     learner.model.train()
-    reset_state(learner.model)
+    learner.reset_state()
     data = learner.data
     try:
         for i, (x, y) in zip(range(num_it), batches(learner, limit)):

@@ -5,16 +5,54 @@ with Adam it is rescaled by the adaptive denominator like any gradient.
 `decoupled`: p -= lr*wd*p before the update, independent of the gradient (AdamW,
 Loshchilov & Hutter). With SGD without momentum the two are the same; with
 momentum or Adam they differ. Biases and normalisation parameters (1-d tensors)
-are never decayed.
+are never decayed. `optimizer=adam` picks l2 and `optimizer=adamw` decoupled by default
+(as torch.optim.Adam and AdamW do); `regularization.wd_mode` overrides either.
+
+Light at import (torch is imported where it is used): the config checks read `OPTIMIZERS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-from omegaconf import DictConfig
-from torch import nn
+from dlrun.rules import BOOL, POSITIVE, Float, Registry
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
+    from torch import nn
+
+LR = Float(0, lo_open=True, words=("find",))
+
+
+def sgd(groups: list[dict], lr: float, opt_cfg: Any, fast: dict) -> torch.optim.Optimizer:
+    """SGD with (optionally Nesterov) momentum."""
+    import torch
+
+    momentum = float(opt_cfg.momentum)
+    nesterov = bool(opt_cfg.nesterov) and momentum > 0
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **fast)
+
+
+def adam(groups: list[dict], lr: float, opt_cfg: Any, fast: dict) -> torch.optim.Optimizer:
+    """Adam; which decay it gets is the groups' (l2) or DecoupledDecay's business."""
+    import torch
+
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps), **fast)
+
+
+ADAM_RULES = {"optimizer.lr": LR, "optimizer.betas": Float(0, 1, each=True), "optimizer.eps": POSITIVE}
+OPTIMIZERS = Registry("optimizer", "optimizer.name")
+OPTIMIZERS.register(
+    "sgd",
+    sgd,
+    {"optimizer.lr": LR, "optimizer.momentum": Float(0, 1), "optimizer.nesterov": BOOL},
+)
+# adam and adamw run the same Adam update: regularization.wd_mode decides the decay.
+OPTIMIZERS.register("adam", adam, ADAM_RULES)
+OPTIMIZERS.register("adamw", adam, ADAM_RULES)
 
 
 def param_groups(model: nn.Module, wd: float) -> list[dict]:
@@ -35,9 +73,11 @@ class DecoupledDecay:
     params: list[torch.Tensor]
     wd: float
 
-    @torch.no_grad()
     def apply(self, lr: float) -> None:
-        torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
 
 
 def build_optimizer(
@@ -46,6 +86,7 @@ def build_optimizer(
     """The optimizer `cfg.optimizer.name`, and the decoupled decay to apply before each of
     its steps (None in l2 mode, where the optimizer adds wd*p to the gradient itself)."""
     opt_cfg, reg = cfg.optimizer, cfg.regularization
+    make: Callable[..., torch.optim.Optimizer] = OPTIMIZERS.get(opt_cfg.name)
     wd = float(reg.wd)
     groups = param_groups(model, wd)
     decay = None
@@ -61,18 +102,7 @@ def build_optimizer(
     lr = 1e-3 if opt_cfg.lr == "find" else float(opt_cfg.lr)
     # One fused kernel per step on CUDA; the multi-tensor (foreach) path elsewhere.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if opt_cfg.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            groups,
-            lr=lr,
-            momentum=float(opt_cfg.momentum),
-            nesterov=bool(opt_cfg.nesterov) and opt_cfg.momentum > 0,
-            **fast,
-        )
-    else:
-        # adam and adamw run the same Adam update; regularization.wd_mode decides the decay.
-        opt = torch.optim.Adam(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps), **fast)
-    return opt, decay
+    return make(groups, lr, opt_cfg, fast), decay
 
 
 def set_hyper(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:

@@ -64,6 +64,29 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+class MetricsLog:
+    """metrics.csv, one row per epoch, rewritten atomically as each epoch ends; a resumed run
+    keeps the rows of the epochs its checkpoint holds."""
+
+    def __init__(self, path: Path, keep_epochs: int):
+        self.path = Path(path)
+        self.rows = [r for r in read_metrics(self.path.parent) if r["epoch"] <= keep_epochs]
+        self._write_all()
+
+    def append(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        self._write_all()
+
+    def _write_all(self) -> None:
+        def write(f: Any) -> None:
+            if self.rows:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(self.rows[0])
+                w.writerows([int(v) if k == "epoch" else float(v) for k, v in r.items()] for r in self.rows)
+
+        write_atomic(self.path, write)
+
+
 def existing_run(run_dir: str | Path, need: str = SUMMARY) -> Path:
     """`run_dir` as a Path, or a user error saying why it is not a dlrun run directory."""
     path = Path(run_dir).expanduser()

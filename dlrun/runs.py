@@ -10,7 +10,6 @@ from typing import Any
 
 from dlrun import report, rundir
 from dlrun.errors import DlrunError
-from dlrun.metrics import MODES
 
 STATUS_ORDER = {"completed": 0, "interrupted": 1, "diverged": 2, "failed": 3}
 
@@ -32,6 +31,8 @@ def collect(root: Path) -> list[dict[str, Any]]:
     for path in sorted(root.rglob(rundir.SUMMARY)):
         s = rundir.read_json(path)
         monitor = s.get("monitor") or "valid_loss"
+        # Older summaries carry no mode: accuracy was their only higher-is-better metric.
+        mode = s.get("mode") or ("max" if monitor == "accuracy" else "min")
         best = s.get("best") or {}
         records.append(
             {
@@ -39,6 +40,7 @@ def collect(root: Path) -> list[dict[str, Any]]:
                 "overrides": overrides_of(path.parent),
                 "status": s.get("status", "?"),
                 "monitor": monitor,
+                "mode": mode,
                 "value": best.get(monitor, math.nan),
                 "valid_loss": best.get("valid_loss", math.nan),
                 "epochs": s.get("epochs", 0),
@@ -53,7 +55,7 @@ def rank(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def key(r: dict[str, Any]) -> tuple:
         v = r["value"]
-        v = math.inf if v is None or v != v else (v if MODES.get(r["monitor"], "min") == "min" else -v)
+        v = math.inf if v is None or v != v else (v if r["mode"] == "min" else -v)
         return (STATUS_ORDER.get(r["status"], 9), r["monitor"], v)
 
     return sorted(records, key=key)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from dlrun.rules import POSITIVE, Float, Int, Registry
+
 # step -> (lr, momentum or None when momentum is not scheduled)
 Schedule = Callable[[int], tuple[float, float | None]]
 
@@ -66,14 +68,42 @@ def constant(lr: float) -> Schedule:
     return lambda step: (lr, None)
 
 
+def build_onecycle(cfg: DictConfig, lr: float, total: int, steps_per_epoch: int) -> Schedule:
+    moms = tuple(cfg.moms) if cfg.get("moms") else None
+    return one_cycle(lr, total, cfg.pct_start, cfg.div, cfg.final_div, moms)
+
+
+def build_cosine(cfg: DictConfig, lr: float, total: int, steps_per_epoch: int) -> Schedule:
+    return cosine(lr, total, cfg.eta_min)
+
+
+def build_sgdr(cfg: DictConfig, lr: float, total: int, steps_per_epoch: int) -> Schedule:
+    return sgdr(lr, steps_per_epoch, cfg.cycle_len, cfg.cycle_mult, cfg.eta_min)
+
+
+def build_constant(cfg: DictConfig, lr: float, total: int, steps_per_epoch: int) -> Schedule:
+    return constant(lr)
+
+
+ETA_MIN = {"schedule.eta_min": Float(0)}
+SCHEDULES = Registry("schedule", "schedule.name")
+SCHEDULES.register(
+    "onecycle",
+    build_onecycle,
+    {
+        "schedule.pct_start": Float(0, 1),
+        "schedule.div": POSITIVE,
+        "schedule.final_div": POSITIVE,
+        "schedule.moms": Float(0, 1, each=True, nullable=True),
+    },
+)
+SCHEDULES.register("cosine", build_cosine, ETA_MIN)
+SCHEDULES.register(
+    "sgdr", build_sgdr, {"schedule.cycle_len": Int(1), "schedule.cycle_mult": Int(1), **ETA_MIN}
+)
+SCHEDULES.register("constant", build_constant, {})
+
+
 def build_schedule(cfg: DictConfig, lr: float, total: int, steps_per_epoch: int) -> Schedule:
     """The schedule named by `cfg.name` for a run of `total` steps."""
-    name = cfg.name
-    if name == "onecycle":
-        moms = tuple(cfg.moms) if cfg.get("moms") else None
-        return one_cycle(lr, total, cfg.pct_start, cfg.div, cfg.final_div, moms)
-    if name == "cosine":
-        return cosine(lr, total, cfg.eta_min)
-    if name == "sgdr":
-        return sgdr(lr, steps_per_epoch, cfg.cycle_len, cfg.cycle_mult, cfg.eta_min)
-    return constant(lr)
+    return SCHEDULES.get(cfg.name)(cfg, lr, total, steps_per_epoch)

@@ -7,6 +7,7 @@ import torch
 from conftest import compose, metrics_rows, summary
 from torch import nn
 
+import dlrun.learner
 import dlrun.train
 from dlrun.errors import DlrunError
 
@@ -32,13 +33,13 @@ def oom_above(monkeypatch):
     made = []
 
     def install(limit: int):
-        build = dlrun.train.build_model
+        build = dlrun.learner.build_model
 
-        def build_small(cfg, data):
-            made.append(OutOfMemoryAbove(build(cfg, data), limit))
+        def build_small(cfg, facts):
+            made.append(OutOfMemoryAbove(build(cfg, facts), limit))
             return made[-1]
 
-        monkeypatch.setattr(dlrun.train, "build_model", build_small)
+        monkeypatch.setattr(dlrun.learner, "build_model", build_small)
         return made
 
     return install

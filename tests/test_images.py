@@ -20,14 +20,15 @@ from conftest import compose as config
 from conftest import dlrun
 from PIL import Image
 
-from dlrun.data import Data
+from dlrun.data.images import ImageFacts
 from dlrun.errors import DlrunError
+from dlrun.family import Data, save_state
 
 CPU = torch.device("cpu")
 
 
 def build_data(*overrides: str) -> Data:
-    from dlrun.data import build_data
+    from dlrun.family import build_data
 
     return build_data(config(*overrides), CPU)
 
@@ -80,12 +81,12 @@ def test_mnist_sets_are_read_from_data_root(tmp_path, name, folder):
     assert len(data.train) == 150 // 32 and len(data.valid) == 2  # train drops its last partial batch
     x, y = next(data.train.epoch(0))
     assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.long
-    assert data.info["n_classes"] == 10 and data.info["in_channels"] == 1
-    assert tuple(data.info["image_size"]) == (28, 28)
+    assert data.facts.n_out == 10 and data.facts.channels == 1
+    assert tuple(data.facts.size) == (28, 28)
     # Normalised with the training split's statistics, which are stored for the model and eval.
     valid_x = torch.cat([x for x, _ in data.valid.epoch(0)])
     assert len(valid_x) == 40 and abs(valid_x.mean().item()) < 0.5
-    assert 0 < data.info["mean"][0] < 1 and 0 < data.info["std"][0] < 1
+    assert 0 < data.facts.mean[0] < 1 and 0 < data.facts.std[0] < 1
 
 
 def test_cifar10_is_read_from_python_batches(tmp_path):
@@ -94,7 +95,7 @@ def test_cifar10_is_read_from_python_batches(tmp_path):
     assert len(data.train) == 100 // 16 and len(data.valid) == 2
     x, _ = next(data.train.epoch(0))
     assert x.shape == (16, 3, 32, 32)
-    assert data.info["in_channels"] == 3 and len(data.info["mean"]) == 3
+    assert data.facts.channels == 3 and len(data.facts.mean) == 3
 
 
 def test_torchvision_sets_env_var_sets_the_root(tmp_path, monkeypatch):
@@ -190,7 +191,7 @@ def test_image_folder_split_by_valid_pct(tmp_path):
     assert len(data.train) == 2 and len(data.valid) == 1
     x, y = next(data.train.epoch(0))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
-    assert data.info["classes"] == ["blue", "red"] and data.info["n_classes"] == 2
+    assert list(data.facts.classes) == ["blue", "red"] and data.facts.n_out == 2
     vx, vy = next(data.valid.epoch(0))
     assert sorted(vy.tolist()) == [0, 0, 0, 1, 1, 1]
     # ImageNet normalisation: red images are positive in the red channel, blue ones negative.
@@ -202,7 +203,7 @@ def test_image_folder_train_valid_layout(tmp_path):
     data = folder_data(image_folder(tmp_path, "split"))
     assert len(data.train) == 24 // 8 and len(data.valid) == 1
     assert sum(len(y) for _, y in data.valid.epoch(0)) == 8
-    data.save(tmp_path)
+    save_state(data, tmp_path)
     assert (tmp_path / "classes.json").read_text().split() == ["[", '"blue",', '"red"', "]"]
 
 
@@ -268,9 +269,12 @@ def test_truncated_image_is_named_when_read(tmp_path):
 # --- resnet -----------------------------------------------------------------------
 
 
-def fake_data(in_channels: int, size: int, n_classes: int = 7) -> Data:
-    info = {"n_classes": n_classes, "in_channels": in_channels, "image_size": (size, size)}
-    return Data(train=None, valid=None, loss=None, metrics=None, info=info)
+def fake_data(in_channels: int, size: int, n_classes: int = 7) -> ImageFacts:
+    """The facts of `n_classes` classes of in_channels x size x size images."""
+    classes = tuple(str(c) for c in range(n_classes))
+    return ImageFacts(
+        n_out=n_classes, channels=in_channels, size=(size, size), classes=classes, mean=(), std=()
+    )
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -11,10 +10,11 @@ import torch
 from conftest import QUICK, compose, dlrun, metrics_rows, summary, train
 from torch import nn
 
-from dlrun.data import Data, TensorBatches
+from dlrun.data import TensorBatches
+from dlrun.family import Data, Facts
+from dlrun.learner import Learner, prepare
 from dlrun.lr_find import range_test, suggest_valley, suggestions
 from dlrun.metrics import LossOnly
-from dlrun.train import Learner, prepare
 
 FAST = ["lr_find.num_it=30", "trainer.limit_batches=5"]
 
@@ -32,21 +32,9 @@ def least_squares_learner(seed: int, n: int = 256, d: int = 8) -> tuple[Learner,
     model = nn.Linear(d, 1, bias=False)
     nn.init.zeros_(model.weight)
     train = TensorBatches(x, y, bs=32, shuffle=True, seed=seed, drop_last=True)
-    data = Data(train=train, valid=train, loss=nn.functional.mse_loss, metrics=LossOnly)
+    data = Data(train=train, valid=train, loss=nn.functional.mse_loss, metrics=LossOnly, facts=Facts(n_out=1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.0)
-    learner = Learner(
-        None,
-        torch.device("cpu"),
-        data,
-        model,
-        model,
-        opt,
-        "32",
-        contextlib.nullcontext,
-        None,
-        None,
-        list(model.parameters()),
-    )
+    learner = Learner(device=torch.device("cpu"), data=data, model=model, optimizer=opt)
     return learner, critical
 
 

@@ -25,9 +25,16 @@ CPU = torch.device("cpu")
 
 
 def build_data(*overrides: str):
-    from dlrun.data import build_data
+    from dlrun.family import build_data
 
     return build_data(config("model=tabular", *overrides), CPU)
+
+
+def table_arrays(*overrides: str) -> dict:
+    """The processed train/valid arrays of the table `dlrun train model=tabular OVERRIDES` reads."""
+    from dlrun.data.tabular import load_table
+
+    return load_table(config("model=tabular", *overrides).data).arrays()
 
 
 def sales_csv(tmp_path: Path) -> Path:
@@ -85,15 +92,16 @@ def test_date_parts_match_the_calendar():
 
 
 def test_sales_table_with_dates_log_target_and_rmspe(tmp_path):
-    data = build_data(*SALES, f"data.path={sales_csv(tmp_path)}")
-    info = data.info
-    assert info["task"] == "regression" and info["log_y"] and info["n_out"] == 1
-    assert "Date_year" in info["cat_names"] and "Date_dayofweek" in info["cat_names"]
-    assert info["cont_names"] == ["Promo", "Date_elapsed"]
-    a = info["arrays"]()
+    overrides = (*SALES, f"data.path={sales_csv(tmp_path)}")
+    data = build_data(*overrides)
+    facts = data.facts
+    assert facts.task == "regression" and facts.log_y and facts.n_out == 1
+    assert "Date_year" in facts.cat_names and "Date_dayofweek" in facts.cat_names
+    assert list(facts.cont_names) == ["Promo", "Date_elapsed"]
+    a = table_arrays(*overrides)
     # Validation is the most recent 20% of the days (12 of 60 days, 3 stores each).
     assert len(a["y_valid"]) == 36 and len(a["y_train"]) == 144
-    elapsed = info["cont_names"].index("Date_elapsed")
+    elapsed = facts.cont_names.index("Date_elapsed")
     assert a["cont_valid"][:, elapsed].min() > a["cont_train"][:, elapsed].max()
     # The target is stored as log(sales).
     assert np.allclose(np.exp(a["y_train"]).min(), 100.0, rtol=1e-5)
@@ -171,9 +179,9 @@ def _dcfg(keys: dict):
 
 def test_penguins_is_the_default_tabular_data():
     data = build_data()
-    info = data.info
-    assert info["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
-    assert info["cat_names"][:2] == ["island", "sex"]
+    facts = data.facts
+    assert list(facts.classes) == ["Adelie", "Chinstrap", "Gentoo"]
+    assert list(facts.cat_names[:2]) == ["island", "sex"]
     x, y = next(data.train.epoch(0))
     assert x[0].dtype == torch.int64 and x[1].dtype == torch.float32 and len(y) == 32
 
@@ -181,12 +189,11 @@ def test_penguins_is_the_default_tabular_data():
 def test_adult_reads_with_its_separator_and_na_marker():
     if not ADULT.is_file():
         pytest.skip(f"{ADULT} not available")
-    data = build_data("experiment=adult", f"data.path={ADULT}")
-    info = data.info
-    assert info["classes"] == ["<=50K", ">50K"]
-    assert info["levels"]["workclass"][-1] == "#na#"  # "?" read as missing
-    assert "Private" in info["levels"]["workclass"]  # ", " separators: no leading spaces
-    a = info["arrays"]()
+    facts = build_data("experiment=adult", f"data.path={ADULT}").facts
+    assert list(facts.classes) == ["<=50K", ">50K"]
+    assert facts.levels["workclass"][-1] == "#na#"  # "?" read as missing
+    assert "Private" in facts.levels["workclass"]  # ", " separators: no leading spaces
+    a = table_arrays("experiment=adult", f"data.path={ADULT}")
     assert len(a["y_train"]) + len(a["y_valid"]) == 32561 and len(a["y_valid"]) == 6512
 
 
@@ -194,27 +201,27 @@ def test_adult_reads_with_its_separator_and_na_marker():
 
 
 def test_embedding_sizes_dropout_and_y_range(tmp_path):
-    from dlrun.models import build_model
+    from dlrun.family import build_model
     from dlrun.models.tabular import emb_size
 
     assert [emb_size(n) for n in (2, 10, 43, 10**6)] == [2, 6, 13, 600]
     cfg = config("model=tabular", "+model.emb_szs.island=5", "regularization.dropout=[0.1,0.2]")
-    from dlrun.data import build_data as build
+    from dlrun.family import build_data as build
 
     data = build(cfg, CPU)
-    model = build_model(cfg, data)
+    model = build_model(cfg, data.facts)
     widths = [e.embedding_dim for e in model.embeds]
-    assert widths[0] == 5 and widths[1] == emb_size(data.info["n_levels"][1])
+    assert widths[0] == 5 and widths[1] == emb_size(data.facts.n_levels[1])
     assert [m.p for m in model.layers if isinstance(m, torch.nn.Dropout)] == [0.1, 0.2]
     x, _ = next(data.valid.epoch(0))
     assert model.eval()(x).shape == (len(x[0]), 3)
 
     bad = config("model=tabular", "regularization.dropout=[0.1,0.2,0.3]")
     with pytest.raises(DlrunError, match="one per layer"):
-        build_model(bad, build(bad, CPU))
+        build_model(bad, build(bad, CPU).facts)
     with pytest.raises(DlrunError, match="regression only"):
         c = config("model=tabular", "model.y_range=[0,1]")
-        build_model(c, build(c, CPU))
+        build_model(c, build(c, CPU).facts)
 
 
 # --- training and embeddings through the CLI -------------------------------------
@@ -308,7 +315,7 @@ def test_id_like_categorical_is_a_warning(tmp_path, caplog):
             "data.bs=4",
         )
     assert "'id' has a different value in every training row" in caplog.text
-    assert data.info["n_levels"] == [17]  # 16 training ids + #unknown#
+    assert data.facts.n_levels == [17]  # 16 training ids + #unknown#
 
 
 def test_bad_valid_by_and_log_y_on_classes(tmp_path):

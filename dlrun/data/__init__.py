@@ -1,60 +1,19 @@
-"""Data kinds. Each module here turns a `data` config into a `Data` bundle.
-
-A data config names its module with `data.kind` (`configs/data/digits.yaml` has
-`kind: images`), and the module's `build(cfg, device) -> Data` does the rest.
-Batches come out already on the training device.
+"""Data kinds: each module here turns a `data` config into a `dlrun.family.Data` (the
+contract is in `dlrun/family.py`). A data config names its module with `data.kind`
+(`configs/data/digits.yaml` has `kind: digits`). Batches come out already on the
+training device. This package's own code: the on-device batcher every small data set uses.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from dlrun.errors import DlrunError
 
 if TYPE_CHECKING:
     import torch
-    from omegaconf import DictConfig
-
-    from dlrun.metrics import Metrics
-
-
-class Batches(Protocol):
-    """One pass over a split, resumable at any batch."""
-
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
-        """Yield (x, y) for `epoch`, skipping the first `start` batches; the same
-        epoch number gives the same batches, so a resumed run sees what an
-        uninterrupted one would have."""
-        ...
-
-
-@dataclass
-class Data:
-    """What a data kind hands the loop: the two splits, the loss and metrics that
-    fit the target, and the facts the model builder needs (`info`)."""
-
-    train: Batches
-    valid: Batches
-    loss: Callable[[Any, Any], "torch.Tensor"]
-    metrics: Callable[[], "Metrics"]
-    info: dict[str, Any] = field(default_factory=dict)
-    # Per-batch learning-rate factor (variable-length BPTT windows); None means 1.
-    lr_scale: Callable[[Any], float] | None = None
-    # Writes what a later `dlrun eval`/`generate` needs (a vocabulary...) to the run dir.
-    save: Callable[[Path], None] | None = None
-
-
-def build_data(cfg: "DictConfig", device: "torch.device") -> Data:
-    """Build the data named by `cfg.data.kind` on `device`."""
-    module = importlib.import_module(f"dlrun.data.{cfg.data.kind}")
-    return module.build(cfg, device)
 
 
 def take(x: Any, index: Any) -> Any:

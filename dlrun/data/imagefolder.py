@@ -12,7 +12,6 @@ number of workers, and a resumed epoch replays the batches an uninterrupted one 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,10 +27,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.functional import pil_to_tensor
 
-from dlrun.data import Data
+from dlrun.data import images
 from dlrun.errors import DlrunError
+from dlrun.family import Data
 from dlrun.losses import classification_loss
 from dlrun.metrics import Accuracy
+from dlrun.rules import Float, Int, Rule
+
+RULES = {
+    **images.RULES,
+    "data.path": Rule("str", nullable=True),
+    "data.num_workers": Int(0),
+    "data.mean": Float(each=True),
+    "data.std": Float(0, lo_open=True, each=True),
+}
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 Item = tuple[Path, int]  # an image file and its class index
@@ -64,19 +73,22 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
         split="valid",
         **loader,
     )
-    info = {
-        "n_classes": len(classes),
-        "in_channels": 3,
-        "image_size": (size, size),
-        "classes": classes,
-        "mean": mean,
-        "std": std,
-    }
-
-    def save(run_dir: Path) -> None:
-        (Path(run_dir) / "classes.json").write_text(json.dumps(classes, indent=1))
-
-    return Data(train=train, valid=valid, loss=classification_loss, metrics=Accuracy, info=info, save=save)
+    facts = images.ImageFacts(
+        n_out=len(classes),
+        channels=3,
+        size=(size, size),
+        classes=tuple(classes),
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+    return Data(
+        train=train,
+        valid=valid,
+        loss=classification_loss,
+        metrics=Accuracy,
+        facts=facts,
+        state={"classes.json": classes},
+    )
 
 
 # --- finding the images -----------------------------------------------------

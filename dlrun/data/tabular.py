@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from dlrun.config import closest
-from dlrun.data import Data, TensorBatches
-from dlrun.errors import DlrunError
+from dlrun.data import TensorBatches
+from dlrun.errors import DlrunError, closest
+from dlrun.family import Data, Facts
 from dlrun.losses import classification_loss
 from dlrun.metrics import Accuracy
+from dlrun.rules import BOOL, STR, Choice, Int, Rule
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,20 @@ DATE_PARTS = (
     "is_month_start", "is_month_end", "is_quarter_start", "is_quarter_end",
     "is_year_start", "is_year_end",
 )  # fmt: skip
+
+# The keys of configs/data/csv.yaml. Column lists may be empty, so they are checked against
+# the file when it is read, not here.
+RULES = {
+    "data.path": Rule("str", nullable=True),
+    "data.package": Rule("str", nullable=True),
+    "data.sep": STR,
+    "data.header": BOOL,
+    "data.skip_rows": Int(0),
+    "data.task": Choice("auto", "classification", "regression"),
+    "data.log_y": BOOL,
+    "data.valid_by": Rule("str", nullable=True),
+    "data.split_seed": Int(0),
+}
 
 # `task: auto` calls an integer target with at most this many values a class label.
 MAX_AUTO_CLASSES = 20
@@ -395,7 +411,7 @@ class Metrics:
 
     def __init__(self, log_y: bool, percent: bool):
         self.log_y, self.percent = log_y, percent
-        self.monitor = "rmspe" if log_y else "rmse"
+        self.monitor, self.mode = ("rmspe" if log_y else "rmse"), "min"
         self.sq: Any = 0.0
         self.abs: Any = 0.0
         self.pct: Any = 0.0
@@ -420,6 +436,48 @@ class Metrics:
         return out
 
 
+@dataclass(frozen=True)
+class TableFacts(Facts):
+    """A table's columns as the tabular net sees them."""
+
+    task: str  # classification | regression
+    cat_names: tuple[str, ...]
+    levels: dict[str, list[str]]  # each categorical column's levels, in code order
+    cont_names: tuple[str, ...]
+    classes: tuple[str, ...]  # classification: the class of each output
+    log_y: bool  # regression on log(y)
+    y_mean: float | None  # regression: the training target's mean (where the head starts)
+
+    @property
+    def n_levels(self) -> list[int]:
+        return [len(self.levels[name]) for name in self.cat_names]
+
+
+def table_facts(table: Table) -> TableFacts:
+    """The facts a model is built from, from the processed table."""
+    regression = table.task == "regression"
+    return TableFacts(
+        n_out=1 if regression else len(table.classes),
+        task=table.task,
+        cat_names=tuple(table.cat_names),
+        levels=table.levels,
+        cont_names=tuple(table.cont_names),
+        classes=tuple(table.classes),
+        log_y=table.log_y,
+        y_mean=float(table.y[~table.is_valid].mean()) if regression else None,
+    )
+
+
+def loss_and_metrics(table: Table) -> tuple[Callable[[Any, Any], torch.Tensor], Callable[[], Any]]:
+    """Cross-entropy and accuracy for classes; MSE and rmse/mae (rmspe when every validation
+    target is positive) for regression."""
+    if table.task == "classification":
+        return classification_loss, Accuracy
+    y_valid = table.y[table.is_valid]
+    percent = bool(((np.exp(y_valid) if table.log_y else y_valid) > 0).all())
+    return mse_loss, lambda: Metrics(table.log_y, percent)
+
+
 def build(cfg: Any, device: torch.device) -> Data:
     """The `Data` for a tabular data config: whole tensors on `device`, x = (cat, cont)."""
     table = load_table(cfg.data)
@@ -436,24 +494,5 @@ def build(cfg: Any, device: torch.device) -> Data:
     )
     valid = TensorBatches(*tensors("valid"), bs, shuffle=False, split="valid")
 
-    if table.task == "classification":
-        loss, metrics = classification_loss, Accuracy
-        n_out = len(table.classes)
-    else:
-        loss, n_out = mse_loss, 1
-        y_valid = np.exp(a["y_valid"]) if table.log_y else a["y_valid"]
-        percent = bool((y_valid > 0).all())
-        metrics = lambda: Metrics(table.log_y, percent)
-    info = {
-        "task": table.task,
-        "n_out": n_out,
-        "classes": table.classes,
-        "log_y": table.log_y,
-        "cat_names": table.cat_names,
-        "cont_names": table.cont_names,
-        "n_levels": [len(table.levels[name]) for name in table.cat_names],
-        "levels": table.levels,
-        "arrays": table.arrays,  # processed train/valid numpy arrays (for `dlrun embeddings`)
-        "y_mean": float(a["y_train"].mean()) if table.task == "regression" else None,
-    }
-    return Data(train=train, valid=valid, loss=loss, metrics=metrics, info=info)
+    loss, metrics = loss_and_metrics(table)
+    return Data(train=train, valid=valid, loss=loss, metrics=metrics, facts=table_facts(table))

@@ -26,14 +26,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dlrun.data import Data
 from dlrun.errors import DlrunError
+from dlrun.family import Data, Facts
 from dlrun.metrics import perplexity
+from dlrun.rules import BOOL, Choice, Int, Rule
 
 UNK = "<unk>"  # stands for every token the training text did not have (or the vocabulary cut)
 EOS = "<eos>"  # end of a line, for word tokens (as in WikiText)
 VOCAB_FILE = "vocab.json"
 BUNDLED = ("pydoc_data.topics",)
+
+RULES = {
+    "data.path": Rule("str", nullable=True),
+    "data.bundled": Choice(*BUNDLED, nullable=True),
+    "data.tokens": Choice("char", "word"),
+    "data.min_freq": Int(1),
+    "data.max_vocab": Int(2, nullable=True),
+    "data.bptt": Int(1),
+    "data.variable_bptt": BOOL,
+}
 
 # Words and single punctuation marks: "don't stop." -> don ' t stop .
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -140,11 +151,9 @@ class Vocab:
     def decode(self, ids: list[int]) -> str:
         return detokenize([self.itos[i] for i in ids], self.tokens)
 
-    def save(self, run_dir: Path) -> None:
-        path = Path(run_dir) / VOCAB_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"tokens": self.tokens, "itos": self.itos}, ensure_ascii=False))
-        tmp.replace(path)
+    def state(self) -> dict[str, Any]:
+        """What `load` reads back: the tokenization and the tokens in index order."""
+        return {"tokens": self.tokens, "itos": self.itos}
 
     @classmethod
     def load(cls, run_dir: Path) -> "Vocab":
@@ -237,7 +246,7 @@ def lm_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
 class LanguageModelMetrics:
     """Perplexity (exp of the mean loss per token) and, for characters, bits per character."""
 
-    monitor = "perplexity"
+    monitor, mode = "perplexity", "min"
 
     def __init__(self, chars: bool):
         self.chars = chars
@@ -252,27 +261,24 @@ class LanguageModelMetrics:
         return result
 
 
-def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> float:
-    """The baseline a language model must beat: perplexity of training-set token frequencies
-    (add-one smoothed) on the validation tokens."""
-    counts = torch.bincount(train.cpu(), minlength=vocab_size).double() + 1
-    logp = (counts / counts.sum()).log()
-    return math.exp(-logp[valid.cpu()].mean().item())
-
-
 # --- build -------------------------------------------------------------------
 
 
-def data_for_vocab(vocab: Vocab, train: Any = None, valid: Any = None, **info: Any) -> Data:
-    """The Data bundle of a vocabulary; `dlrun generate` builds the model from it without the corpus."""
-    return Data(
-        train=train,
-        valid=valid,
-        loss=lm_loss,
-        metrics=lambda: LanguageModelMetrics(chars=vocab.tokens == "char"),
-        info={"vocab_size": len(vocab), "tokens": vocab.tokens, **info},
-        save=vocab.save,
-    )
+@dataclass(frozen=True)
+class TextFacts(Facts):
+    """A token stream: `n_out` is the vocabulary size; windows are about `bptt` tokens."""
+
+    tokens: str  # char | word
+    bptt: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_out
+
+
+def text_facts(vocab: Vocab, bptt: int) -> TextFacts:
+    """The facts a language model is built from (`dlrun generate` rebuilds them from vocab.json)."""
+    return TextFacts(n_out=len(vocab), tokens=vocab.tokens, bptt=int(bptt))
 
 
 def build(cfg: Any, device: torch.device) -> Data:
@@ -300,16 +306,17 @@ def build(cfg: Any, device: torch.device) -> Data:
         )
     train = StreamBatches(train_ids.to(device), d.bs, d.bptt, "training", d.variable_bptt, cfg.seed)
     valid = StreamBatches(valid_ids.to(device), d.bs, d.bptt, "validation")
-    data = data_for_vocab(
-        vocab,
-        train,
-        valid,
-        train_tokens=len(train_ids),
-        valid_tokens=len(valid_ids),
-        unigram_perplexity=unigram_perplexity(train_ids, valid_ids, len(vocab)),
-    )
-    if d.variable_bptt:
+    bptt = int(d.bptt)
+    return Data(
+        train=train,
+        valid=valid,
+        loss=lm_loss,
+        metrics=lambda: LanguageModelMetrics(chars=vocab.tokens == "char"),
+        facts=text_facts(vocab, bptt),
+        state={VOCAB_FILE: vocab.state()},
+        count=lambda y: y.numel(),  # the loss is a mean over tokens
         # A shorter window has fewer tokens behind its mean loss: AWD-LSTM scales the lr by length/bptt.
-        bptt = int(d.bptt)
-        data.lr_scale = lambda x: x.shape[1] / bptt
-    return data
+        lr_scale=(lambda x: x.shape[1] / bptt) if d.variable_bptt else None,
+        batch_keys=("bs", "bptt"),
+        advice=(f"a shorter data.bptt (now {bptt})",),
+    )

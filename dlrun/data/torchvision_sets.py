@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dlrun.data import Data
-from dlrun.data.digits import image_data
+from dlrun.data import images
 from dlrun.errors import DlrunError
+from dlrun.family import Data
+from dlrun.rules import STR, Rule
+
+RULES = {**images.RULES, "data.root": STR, "data.download": Rule("bool", words=("auto",))}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Source:
     files: tuple[str, ...]
     url: str  # what to download by hand
     torchvision_class: str
+    classes: tuple[str, ...]
 
 
 MNIST_FILES = (
@@ -41,22 +45,37 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+DIGITS = tuple(str(c) for c in range(10))
 SOURCES = {
-    "mnist": Source("MNIST/raw", MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/", "MNIST"),
+    "mnist": Source(
+        "MNIST/raw", MNIST_FILES, "https://ossci-datasets.s3.amazonaws.com/mnist/", "MNIST", DIGITS
+    ),
     "fashion_mnist": Source(
         "FashionMNIST/raw",
         MNIST_FILES,
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
         "FashionMNIST",
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
     ),
     "cifar10": Source(
         "cifar-10-batches-py",
         tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "CIFAR10",
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     ),
 }
-N_CLASSES = 10
 # Seconds to wait for the download server; offline machines fail at once or after this.
 PROBE_TIMEOUT, DOWNLOAD_TIMEOUT = 5, 30
 
@@ -79,12 +98,14 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
     # uint8 on the device, floats made there: a quarter of the host-to-device traffic.
     x = torch.from_numpy(np.concatenate([x_train, x_valid])).to(device).float().div_(255)
     y = torch.from_numpy(np.concatenate([y_train, y_valid]).astype(np.int64))
-    if int(y.max()) >= N_CLASSES or int(y.min()) < 0:
+    n_classes = len(source.classes)
+    if int(y.max()) >= n_classes or int(y.min()) < 0:
         raise DlrunError(
-            f"the labels in {root / source.folder} are not 0..{N_CLASSES - 1}: the files are damaged"
+            f"the labels in {root / source.folder} are not 0..{n_classes - 1}: the files are damaged"
         )
     n_train = len(y_train)
-    return image_data(x, y, np.arange(n_train), np.arange(n_train, len(y)), cfg, device, n_classes=N_CLASSES)
+    train_idx, valid_idx = np.arange(n_train), np.arange(n_train, len(y))
+    return images.image_data(x, y, train_idx, valid_idx, cfg, device, list(source.classes))
 
 
 def missing_files(root: Path, source: Source) -> list[str]:

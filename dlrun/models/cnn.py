@@ -5,7 +5,11 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
-from dlrun.data import Data
+from dlrun.data.images import ImageFacts
+from dlrun.family import dropout
+from dlrun.rules import BOOL, Int
+
+RULES = {"model.channels": Int(1, each=True), "model.channels_last": BOOL}
 
 
 def conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -42,15 +46,12 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
-def build(cfg: DictConfig, data: Data) -> CNN:
-    """The CNN sized for `data` (channels, classes, image size)."""
-    dropout = cfg.regularization.dropout
-    if not isinstance(dropout, (int, float)):
-        dropout = list(dropout)[-1]  # one value per layer elsewhere; the CNN has one dropout
+def build(cfg: DictConfig, facts: ImageFacts) -> CNN:
+    """The CNN sized for the images (channels, classes, size)."""
     return CNN(
-        in_channels=data.info["in_channels"],
-        n_classes=data.info["n_classes"],
+        in_channels=facts.channels,
+        n_classes=facts.n_out,
         channels=list(cfg.model.channels),
-        dropout=float(dropout),
-        image_size=min(data.info["image_size"]),
+        dropout=dropout(cfg.regularization, "cnn"),
+        image_size=min(facts.size),
     )

@@ -1,7 +1,7 @@
 """torchvision's ResNets for any number of classes, input channels and image sizes.
 
 The classifier is replaced by dropout (`regularization.dropout`) and a linear
-layer for `data.info["n_classes"]`. Inputs under 64 pixels get a 3x3 stride-1
+layer for the data's classes. Inputs under 64 pixels get a 3x3 stride-1
 stem without max-pooling (the CIFAR ResNet stem), so 8x8 digits and 28x28 MNIST
 keep enough resolution for the four stages. Pretrained ImageNet weights are
 read from local files only: dlrun never downloads a model.
@@ -17,14 +17,23 @@ import torchvision
 from torch import nn
 
 from dlrun.errors import DlrunError
+from dlrun.family import dropout
+from dlrun.rules import BOOL, Choice, Rule
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from dlrun.data import Data
+    from dlrun.data.images import ImageFacts
 
 # Below this many pixels the ImageNet stem (7x7 stride 2 + max-pool, /4) throws away too much.
 SMALL_INPUT = 64
+
+RULES = {
+    "model.arch": Choice("resnet18", "resnet34", "resnet50"),
+    "model.pretrained": BOOL,
+    "model.weights_path": Rule("str", nullable=True),
+    "model.channels_last": BOOL,
+}
 
 # The torchvision weights each arch loads with `pretrained: true` (their file names are in the hub cache).
 WEIGHTS = {
@@ -34,16 +43,11 @@ WEIGHTS = {
 }
 
 
-def build(cfg: "DictConfig", data: "Data") -> nn.Module:
-    """A ResNet (`model.arch`) with its stem and classifier fitted to the data."""
+def build(cfg: "DictConfig", facts: "ImageFacts") -> nn.Module:
+    """A ResNet (`model.arch`) with its stem and classifier fitted to the images."""
     arch = cfg.model.arch
-    dropout = cfg.regularization.dropout
-    if not isinstance(dropout, (int, float)):
-        dropout = list(dropout)[-1]  # one value per layer elsewhere; as in the CNN, the last one
-    n_classes = data.info["n_classes"]
-    in_channels = data.info.get("in_channels", 3)
-    size = data.info.get("image_size") or 224  # an int, or (height, width)
-    image_size = min(size) if isinstance(size, (tuple, list)) else size
+    p = dropout(cfg.regularization, "resnet")
+    n_classes, in_channels, image_size = facts.n_out, facts.channels, min(facts.size)
 
     model = getattr(torchvision.models, arch)(weights=None)
     if cfg.model.get("pretrained", False):
@@ -51,7 +55,7 @@ def build(cfg: "DictConfig", data: "Data") -> nn.Module:
     model.conv1 = fit_stem(model.conv1, in_channels, small=image_size < SMALL_INPUT)
     if image_size < SMALL_INPUT:
         model.maxpool = nn.Identity()
-    model.fc = nn.Sequential(nn.Dropout(float(dropout)), nn.Linear(model.fc.in_features, n_classes))
+    model.fc = nn.Sequential(nn.Dropout(p), nn.Linear(model.fc.in_features, n_classes))
     return model
 
 

@@ -20,8 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from dlrun.data import Data
-from dlrun.errors import DlrunError
+from dlrun.data.text import TextFacts
+from dlrun.family import dropout
+from dlrun.rules import BOOL, PROB, Choice, Float, Int
+
+RULES = {
+    "model.cell": Choice("lstm", "gru", "qrnn"),
+    "model.emb_sz": Int(1),
+    "model.n_hid": Int(1),
+    "model.n_layers": Int(1),
+    "model.tie_weights": BOOL,
+    "model.qrnn_window": Int(1),
+    **{f"regularization.dropouts.{site}": PROB for site in ("embed", "input", "hidden", "weight", "output")},
+    "regularization.ar": Float(0),
+    "regularization.tar": Float(0),
+}
 
 # Weight-drop hands cuDNN a freshly dropped hidden-to-hidden matrix each step, which
 # cannot live in the module's flat weight buffer; cuDNN copies it (as it must) and
@@ -213,20 +226,16 @@ def dropouts(reg: Any) -> dict[str, float]:
 
     A regularization config without `dropouts` (default, none) applies `dropout` at every site.
     """
-    if not isinstance(reg.dropout, (int, float)):
-        raise DlrunError(
-            f"regularization.dropout={reg.dropout} is a list, but model=rnn takes one number "
-            "(it scales all five dropouts of regularization.dropouts)"
-        )
+    strength = dropout(reg, "rnn")  # one number: it scales all five dropouts
     factors = reg.get("dropouts") or {}
-    return {site: float(reg.dropout) * float(factors.get(site, 1.0)) for site in SITES}
+    return {site: strength * float(factors.get(site, 1.0)) for site in SITES}
 
 
-def build(cfg: Any, data: Data) -> nn.Module:
-    """The language model named by `cfg.model`, sized for `data`'s vocabulary."""
+def build(cfg: Any, facts: TextFacts) -> nn.Module:
+    """The language model named by `cfg.model`, sized for the vocabulary."""
     m, reg = cfg.model, cfg.regularization
     return RNNLanguageModel(
-        vocab_size=data.info["vocab_size"],
+        vocab_size=facts.vocab_size,
         emb_sz=m.emb_sz,
         n_hid=m.n_hid,
         n_layers=m.n_layers,

@@ -13,7 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from dlrun.data.tabular import TableFacts
 from dlrun.errors import DlrunError
+from dlrun.family import dropout
+from dlrun.rules import PROB, Float, Int
+
+RULES = {
+    "model.layers": Int(1, each=True),
+    "model.y_range": Float(each=True, nullable=True),
+    "regularization.emb_dropout": PROB,
+}
 
 
 def emb_size(n_levels: int) -> int:
@@ -67,37 +76,24 @@ class TabularNet(nn.Module):
         return out
 
 
-def embedding_sizes(info: dict[str, Any], overrides: dict[str, int]) -> list[int]:
+def embedding_sizes(facts: TableFacts, overrides: dict[str, int]) -> list[int]:
     """One width per categorical column: the rule, or `model.emb_szs.<column>`."""
-    unknown = sorted(set(overrides) - set(info["cat_names"]))
+    unknown = sorted(set(overrides) - set(facts.cat_names))
     if unknown:
         raise DlrunError(
             f"model.emb_szs names {', '.join(unknown)}, which are not categorical columns; "
-            f"the categorical columns are: {', '.join(info['cat_names']) or '(none)'}"
+            f"the categorical columns are: {', '.join(facts.cat_names) or '(none)'}"
         )
-    return [int(overrides.get(name, emb_size(n))) for name, n in zip(info["cat_names"], info["n_levels"])]
+    return [int(overrides.get(name, emb_size(n))) for name, n in zip(facts.cat_names, facts.n_levels)]
 
 
-def layer_dropout(dropout: Any, layers: list[int]) -> list[float]:
-    """`regularization.dropout` as one probability per hidden layer (a single value applies to all)."""
-    if isinstance(dropout, (int, float)):
-        return [float(dropout)] * len(layers)
-    dropout = [float(p) for p in dropout]
-    if len(dropout) != len(layers):
-        raise DlrunError(
-            f"regularization.dropout lists {len(dropout)} values for {len(layers)} layers "
-            f"(model.layers={layers}): give one value, or one per layer"
-        )
-    return dropout
-
-
-def build(cfg: Any, data: Any) -> nn.Module:
-    """The tabular net for `data.info` (categorical levels, continuous columns, outputs)."""
-    info, m, reg = data.info, cfg.model, cfg.regularization
+def build(cfg: Any, facts: TableFacts) -> nn.Module:
+    """The tabular net for the table's columns and outputs."""
+    m, reg = cfg.model, cfg.regularization
     layers = [int(w) for w in m.layers]
     y_range = None
     if m.get("y_range") is not None:
-        if info["task"] != "regression":
+        if facts.task != "regression":
             raise DlrunError("model.y_range applies to regression only: set model.y_range=null")
         bounds = list(m.y_range) if isinstance(m.y_range, Sequence) else [m.y_range]
         y_range = tuple(float(v) for v in bounds)
@@ -105,18 +101,18 @@ def build(cfg: Any, data: Any) -> nn.Module:
             raise DlrunError(f"model.y_range={list(bounds)} must be [low, high] with low < high")
     overrides = {str(k): int(v) for k, v in (m.get("emb_szs") or {}).items()}
     net = TabularNet(
-        n_levels=info["n_levels"],
-        emb_szs=embedding_sizes(info, overrides),
-        n_cont=len(info["cont_names"]),
+        n_levels=facts.n_levels,
+        emb_szs=embedding_sizes(facts, overrides),
+        n_cont=len(facts.cont_names),
         layers=layers,
-        dropout=layer_dropout(reg.dropout, layers),
+        dropout=dropout(reg, "tabular", layers=len(layers)),
         emb_dropout=float(reg.get("emb_dropout", 0.0)),
-        n_out=info["n_out"],
+        n_out=facts.n_out,
         y_range=y_range,
     )
-    if info.get("y_mean") is not None and y_range is None:
+    if facts.y_mean is not None and y_range is None:
         # Start a regression head at the training mean: a log-sales target sits near 8, and
         # climbing there from 0 would take the first epochs.
         with torch.no_grad():
-            net.head.bias.fill_(info["y_mean"])
+            net.head.bias.fill_(facts.y_mean)
     return net

@@ -1,0 +1,79 @@
+"""Where a run stands (`RunState`) and the checkpoint that lets it continue exactly."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlrun import rundir
+from dlrun.errors import DlrunError
+from dlrun.learner import Learner
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in checkpoint.pt so that a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches of the current epoch already done
+    step: int = 0  # optimizer steps so far
+    lr: float = 0.0  # the peak learning rate (the finder's suggestion with lr=find)
+    last_lr: float = 0.0  # the rate of the last step taken (metrics.csv's lr column)
+    loss_sum: Any = 0.0  # training loss of the current epoch so far, summed over items
+    items: int = 0  # items of the current epoch so far
+    epoch_seconds: float = 0.0  # training time of the current epoch so far
+    train_items: int = 0  # items and seconds of all training, for items/s
+    train_seconds: float = 0.0
+    wall_before: float = 0.0  # wall time of earlier sessions of this run
+    best: dict[str, float] | None = None
+    best_epoch: int = 0
+
+    def count_time(self, seconds: float, items: int) -> None:
+        """Add a stretch of training time and the items trained in it."""
+        self.epoch_seconds += seconds
+        self.train_seconds += seconds
+        self.train_items += items
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """torch.save through a temporary file and a rename."""
+    rundir.write_atomic(path, lambda f: torch.save(obj, f), mode="wb")
+
+
+def save_checkpoint(path: Path, learner: Learner, state: RunState) -> None:
+    """Model, optimizer, run state and RNG state, written atomically."""
+    ckpt = {
+        "model": learner.model.state_dict(),
+        "optimizer": learner.optimizer.state_dict(),
+        "scaler": learner.scaler.state_dict() if learner.scaler is not None else None,
+        "state": asdict(state),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if learner.device.type == "cuda" else [],
+    }
+    save_torch(path, ckpt)
+
+
+def save_best(path: Path, learner: Learner, epoch: int, metrics: dict[str, float]) -> None:
+    """The weights of the best epoch so far, with its metrics."""
+    save_torch(path, {"model": learner.model.state_dict(), "epoch": epoch, "metrics": metrics})
+
+
+def load_checkpoint(path: Path, learner: Learner) -> RunState:
+    """Restore what `save_checkpoint` saved; only tensors and plain data are unpickled."""
+    if not path.is_file():
+        raise DlrunError(
+            f"cannot resume: {path} does not exist (the run never finished an epoch "
+            "or was started with trainer.checkpoint=false)"
+        )
+    ckpt = torch.load(path, map_location=learner.device, weights_only=True)
+    learner.model.load_state_dict(ckpt["model"])
+    learner.optimizer.load_state_dict(ckpt["optimizer"])
+    if learner.scaler is not None and ckpt["scaler"]:
+        learner.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())
+    if ckpt["rng_cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
+    return RunState(**ckpt["state"])

@@ -1,0 +1,157 @@
+"""The learner: data, model and optimizer on a device, one training step and one validation
+pass. `dlrun.train` (the epoch loop) and `dlrun.lr_find` (the range test) are both built on
+it; it knows nothing of either, nor of any model family.
+
+Order of one step, as in a hand-written loop: forward under autocast, loss, backward,
+clip, decoupled weight decay, optimizer step. The loss stays on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from dlrun.errors import DlrunError
+from dlrun.family import Data, build_data, build_model
+from dlrun.optim import DecoupledDecay, build_optimizer, set_hyper
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA, then MPS, then CPU; a named device must be there."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise DlrunError(
+            f"trainer.device={name} but no {name.upper()} device is available here: "
+            "use trainer.device=auto or trainer.device=cpu"
+        )
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> tuple[str, Callable[[], Any], Any]:
+    """(precision, autocast context factory, GradScaler or None) for `trainer.precision`."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        name = "bf16" if bf16 else "32"
+    if name == "32":
+        return name, contextlib.nullcontext, None
+    if name == "16" and device.type == "cpu":
+        raise DlrunError("trainer.precision=16 needs a GPU: use trainer.precision=bf16 or 32 on the CPU")
+    dtype = torch.bfloat16 if name == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if name == "16" else None
+    return name, lambda: torch.autocast(device.type, dtype=dtype), scaler
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(kw_only=True)
+class Learner:
+    """Everything a training step needs, built once per run by `prepare`."""
+
+    device: torch.device
+    data: Data
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: Callable[[Any], Any] | None = None  # the model's torch.compile'd version, else the model
+    precision: str = "32"
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    scaler: Any = None  # GradScaler for fp16
+    grad_clip: float | None = None
+    decay: DecoupledDecay | None = None  # regularization.wd_mode=decoupled
+    params: list[torch.Tensor] = field(init=False)  # what gradient clipping sees
+
+    def __post_init__(self) -> None:
+        self.forward = self.forward or self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def reset_state(self) -> None:
+        """Start a pass over the data afresh (a model that carries state forgets it)."""
+        reset = getattr(self.model, "reset_state", None)
+        if reset is not None:
+            reset()
+
+
+def prepare(cfg: DictConfig) -> Learner:
+    """Seed, pick the device and precision, build data, model and optimizer."""
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+    precision, autocast, scaler = pick_precision(str(cfg.trainer.precision), device)
+    data = build_data(cfg, device)
+    model = build_model(cfg, data.facts).to(device)
+    if device.type == "cuda" and cfg.model.get("channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, decay = build_optimizer(cfg, model, device)
+    return Learner(
+        device=device,
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        forward=torch.compile(model) if cfg.trainer.compile else model,
+        precision=precision,
+        autocast=autocast,
+        scaler=scaler,
+        grad_clip=cfg.trainer.grad_clip,
+        decay=decay,
+    )
+
+
+def train_step(learner: Learner, x: Any, y: Any, lr: float, momentum: float | None) -> torch.Tensor:
+    """One optimizer step at (lr, momentum); returns the loss, still on the device."""
+    opt, scaler = learner.optimizer, learner.scaler
+    set_hyper(opt, lr, momentum)
+    with learner.autocast():
+        loss = learner.data.loss(learner.forward(x), y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    if learner.grad_clip:
+        if scaler is not None:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(learner.params, learner.grad_clip, foreach=True)
+    if learner.decay is not None:
+        learner.decay.apply(lr)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(learner: Learner, limit: int | None = None) -> tuple[dict[str, float], Any]:
+    """Validation loss and metrics over the valid split (at most `limit` batches), read back
+    from the device once; also returns the metrics object (its `monitor` and `mode`)."""
+    data = learner.data
+    learner.model.eval()
+    learner.reset_state()
+    metrics = data.metrics()
+    loss_sum = torch.zeros((), device=learner.device)
+    n = 0
+    for i, (x, y) in enumerate(data.valid.epoch(0)):
+        if limit is not None and i >= limit:
+            break
+        with learner.autocast():
+            out = learner.forward(x)
+            loss = data.loss(out, y)
+        k = data.count(y)
+        loss_sum += loss.float() * k
+        n += k
+        metrics.update(out, y)
+    valid_loss = (loss_sum / max(n, 1)).item()
+    return {"valid_loss": valid_loss, **metrics.compute(valid_loss)}, metrics
