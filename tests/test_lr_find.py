@@ -105,7 +105,7 @@ def test_lr_find_writes_its_outputs_and_shows_the_curve(run_dir):
         assert (run_dir / name).is_file(), name
     info = json.loads((run_dir / "lr_find.json").read_text())
     assert set(info["suggestions"]) == {"minimum", "steep", "valley", "slide"}
-    assert info["suggest"] == "steep" and info["lr"] == info["suggestions"]["steep"]
+    assert info["suggest"] == "minimum" and info["lr"] == info["suggestions"]["minimum"]
     assert isinstance(info["stopped_early"], bool)
     header = (run_dir / "lr_find.csv").read_text().splitlines()[0]
     assert header == "lr,loss,smoothed_loss"
