@@ -9,7 +9,7 @@ from the same run's lr_find.json and trained with optimizer.lr=VALUE.
 
 A rule whose rate equals one already trained for the same task and seed reuses that run:
 the same seed and rate train the same numbers (tests/test_lr_find.py checks it).
-Run by hand, never in the test suite: about 9 minutes on one CPU core.
+Run by hand, never in the test suite: 9 minutes on an idle CPU core, 16 on a shared one.
 """
 
 from __future__ import annotations
