@@ -48,7 +48,7 @@ RULES: dict[str, Rule] = {
     "lr_find.num_it": Int(1),
     "lr_find.beta": Float(0, 1),
     "lr_find.stop_div": Float(1, lo_open=True),
-    "lr_find.suggest": Choice("minimum", "steep", "valley"),
+    "lr_find.suggest": Choice("minimum", "steep", "valley", "slide"),
 }
 
 

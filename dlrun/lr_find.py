@@ -12,6 +12,7 @@ import copy
 import csv
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,45 +23,80 @@ from omegaconf import DictConfig
 from dlrun import report, rundir
 from dlrun.learner import Learner, prepare, train_step
 
-SUGGESTIONS = ("minimum", "steep", "valley")
-
-
 # --- the suggestion rules: plain arithmetic on the recorded curve ---------------------
+# Each takes (lrs, losses): the smoothed losses that `suggestions` hands over (as fastai's
+# `lr_find` hands its rules), in float64 where fastai uses float32 tensors.
 
 
 def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """The course's rule: the lr at the lowest loss, then back one order of magnitude
-    (at the minimum the loss is about to blow up; a tenth of it still descends fast)."""
+    """fastai's `minimum` (the course's rule): a tenth of the lr at the lowest loss (at the
+    minimum the loss is about to blow up; a tenth of it still descends fast)."""
     return float(lrs[int(np.argmin(losses))] / 10)
 
 
 def suggest_steep(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """The lr where the loss falls fastest against log(lr)."""
-    slopes = np.gradient(losses, np.log(lrs))
+    """fastai's `steep`: the slope of each segment between neighbouring points against
+    log(lr); the lr at the left end of the steepest falling segment."""
+    slopes = np.diff(losses) / np.diff(np.log(lrs))
     return float(lrs[int(np.argmin(slopes))])
 
 
 def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """fastai's valley rule: find the longest descending subsequence of the loss (each
-    point lower than the one before it in the subsequence) and take the lr halfway
-    along it -- past the noisy start, well before the cliff."""
+    """fastai's `valley`: the longest descending subsequence of the loss (each point lower
+    than the one before it in the subsequence; of equally long ones, the first to end)
+    ends at point `end` with `length` points. The stretch is taken as the `length` points
+    up to `end`, as if the descent had no gaps: `start = end - length` (one before it),
+    `sections = (end - start) / 3`, and the lr at `start + int(sections) + int(sections /
+    2)`, about halfway along. One deliberate difference: where the longest descent is two
+    points ending at the second, fastai's index is -1 (the last, largest lr); dlrun's is 0."""
     n = len(losses)
     length = [1] * n  # length of the longest descent ending at point i
-    first = list(range(n))  # where that descent starts
-    end = 0
+    start = end = 0
     for i in range(1, n):
         for j in range(i):
             if losses[i] < losses[j] and length[j] + 1 > length[i]:
-                length[i], first[i] = length[j] + 1, first[j]
+                length[i] = length[j] + 1
         if length[i] > length[end]:
-            end = i
-    start = first[end]
-    return float(lrs[start + (end - start) // 2])
+            start, end = i - length[i], i
+    sections = (end - start) / 3
+    return float(lrs[max(0, start + int(sections) + int(sections / 2))])
+
+
+def suggest_slide(
+    lrs: np.ndarray, losses: np.ndarray, lr_diff: int = 15, thresh: float = 0.005, adjust_value: float = 1.0
+) -> float:
+    """fastai's `slide` (interval slide rule): with the loss's gradient per point, walk a
+    pair of points `lr_diff` apart leftwards from the end of the curve while their
+    gradients differ by more than `thresh`; the lr at the left point of the last pair that
+    still differed (or of the first pair), times `adjust_value`. Deliberate difference: on a
+    curve of at most `lr_diff` points fastai fails (index out of range); dlrun narrows the
+    pair to the whole curve."""
+    grad = np.gradient(losses)
+    right = len(losses) - 1
+    left = right - min(lr_diff, right)
+    found = lrs[left]
+    while left >= 0 and abs(grad[right] - grad[left]) > thresh:
+        found = lrs[left]
+        right, left = right - 1, left - 1
+    return float(found * adjust_value)
+
+
+# name -> rule, as fastai's `suggest_funcs`: `lr_find.suggest` picks one (the list in
+# dlrun/config.py's RULES names the same rules).
+SUGGESTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "minimum": suggest_minimum,
+    "steep": suggest_steep,
+    "valley": suggest_valley,
+    "slide": suggest_slide,
+}
 
 
 def suggestions(lrs: list[float], smoothed: list[float], num_it: int) -> dict[str, float]:
-    """All three suggestions, skipping the first num_it//10 and the last 5 points
-    (the start is noise around the initial loss, the end is the blow-up)."""
+    """Every rule's suggestion on the smoothed curve less its first num_it//10 and last 5
+    points (the start is noise around the initial loss, the end is the blow-up), cut before
+    its first non-finite value: what fastai's `lr_find` feeds its rules (it cuts at the
+    first NaN). Deliberate difference: a curve too short to leave 3 points (fastai fails on
+    it) keeps its start and as much of its end as it can."""
     skip_start, skip_end = num_it // 10, 5
     if len(lrs) - skip_start - skip_end < 3:  # stopped very early: keep what there is
         skip_start, skip_end = 0, min(skip_end, max(0, len(lrs) - 3))
@@ -68,10 +104,11 @@ def suggestions(lrs: list[float], smoothed: list[float], num_it: int) -> dict[st
     x = np.asarray(lrs[skip_start:end], dtype=float)
     y = np.asarray(smoothed[skip_start:end], dtype=float)
     finite = np.isfinite(y)
-    x, y = x[finite], y[finite]
+    if not finite.all():
+        x, y = x[: np.argmin(finite)], y[: np.argmin(finite)]
     if len(x) < 2:
         return {name: float(lrs[0]) for name in SUGGESTIONS}
-    return {"minimum": suggest_minimum(x, y), "steep": suggest_steep(x, y), "valley": suggest_valley(x, y)}
+    return {name: rule(x, y) for name, rule in SUGGESTIONS.items()}
 
 
 # --- the range test ---------------------------------------------------------------
@@ -207,7 +244,7 @@ def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"minimum": "v", "steep": "o", "valley": "*"}
+    markers = {"minimum": "v", "steep": "o", "valley": "*", "slide": "D"}
     for label, r in curves:
         line = ax.plot(r["lrs"], r["smoothed"], label=label)[0]
         for name, lr in r["suggestions"].items():
@@ -237,10 +274,12 @@ def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:
 def show(result: dict[str, Any]) -> None:
     """The curve drawn in the terminal and a table of the suggestions."""
     report.console.print(report.text_curve(result["lrs"], result["smoothed"], result["suggestions"]))
+    # The chosen rule is marked in a column of its own: a legend in the title made the title
+    # wider than this narrow table, and rich wrapped it into two broken lines.
     rows = [
-        (name + (" *" if name == result["suggest"] else ""), lr) for name, lr in result["suggestions"].items()
+        (name, lr, "*" if name == result["suggest"] else "") for name, lr in result["suggestions"].items()
     ]
-    report.console.print(report.table("suggestions (* = lr=find)", ["rule", "lr"], rows))
+    report.console.print(report.table("suggestions", ["rule", "lr", "lr=find"], rows))
     if result["stopped_early"]:
         report.console.print(
             f"stopped after {len(result['lrs'])} of {result['num_it']} batches: the loss blew up"

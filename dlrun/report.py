@@ -121,12 +121,15 @@ def text_curve(
     lines = [" " * 9 + " |" + "".join(row) for row in grid]
     lines[0] = f"{hi_y:9.3g} |" + "".join(grid[0])
     lines[-1] = f"{lo_y:9.3g} |" + "".join(grid[-1])
+    letters: dict[str, str] = {}  # each mark's first letter not taken yet: steep s, slide l
+    for name in marks:
+        letters[name] = next((c for c in name if c.isalpha() and c not in letters.values()), "?")
     axis = [" "] * width
     for name, lr in marks.items():
         col = round((math.log10(lr) - lo_x) / (hi_x - lo_x or 1) * (width - 1))
-        axis[min(max(col, 0), width - 1)] = name[0]
+        axis[min(max(col, 0), width - 1)] = letters[name]
     lines.append(" " * 10 + "+" + "-" * width)
     lines.append(" " * 11 + "".join(axis))
     lines.append(f"{'':11}{10**lo_x:<.0e}{'learning rate (log)':^{width - 10}}{10**hi_x:>.0e}")
-    lines.append(f"{'':11}marks: m = minimum, s = steep, v = valley")
+    lines.append(f"{'':11}marks: " + ", ".join(f"{c} = {name}" for name, c in letters.items()))
     return "\n".join(lines)

@@ -82,7 +82,8 @@ def test_suggestion_rules_on_a_textbook_curve():
     assert s["minimum"] == pytest.approx(1e-3, rel=0.3)  # the lowest point, one decade back
     assert 1e-4 <= s["steep"] <= 1e-2
     assert 1e-4 <= s["valley"] <= 1e-2
-    assert suggest_valley(lrs[:3], np.array([3.0, 2.0, 1.0])) == lrs[1]
+    # fastai's arithmetic: 3 falling points end at 2, start = 2 - 3, sections = 1, index -1 + 1 + 0
+    assert suggest_valley(lrs[:3], np.array([3.0, 2.0, 1.0])) == lrs[0]
 
 
 def test_lr_find_writes_its_outputs_and_shows_the_curve(run_dir):
@@ -91,8 +92,8 @@ def test_lr_find_writes_its_outputs_and_shows_the_curve(run_dir):
     for name in ("lr_find.csv", "lr_find.json", "lr_find.png", ".hydra/config.yaml"):
         assert (run_dir / name).is_file(), name
     info = json.loads((run_dir / "lr_find.json").read_text())
-    assert set(info["suggestions"]) == {"minimum", "steep", "valley"}
-    assert info["suggest"] == "steep" and info["lr"] == info["suggestions"]["steep"]
+    assert set(info["suggestions"]) == {"minimum", "steep", "valley", "slide"}
+    assert info["suggest"] == "minimum" and info["lr"] == info["suggestions"]["minimum"]
     assert isinstance(info["stopped_early"], bool)
     header = (run_dir / "lr_find.csv").read_text().splitlines()[0]
     assert header == "lr,loss,smoothed_loss"
