@@ -135,7 +135,12 @@ def test_a_sweep_overlays_every_curve(tmp_path):
 
 @pytest.mark.slow
 def test_the_suggestion_trains_at_least_as_well_as_the_default_lr(tmp_path):
-    train(tmp_path / "default")
-    train(tmp_path / "found", "optimizer.lr=find")
-    found, default = summary(tmp_path / "found"), summary(tmp_path / "default")
-    assert found["best"]["accuracy"] >= default["best"]["accuracy"] - 0.005
+    # Over three seeds: one seed's best epoch differs by an image or two between any two rates
+    # (README: one run per task cannot separate the rules).
+    found, default = [], []
+    for seed in (0, 1, 2):
+        train(tmp_path / f"default{seed}", f"seed={seed}")
+        train(tmp_path / f"found{seed}", f"seed={seed}", "optimizer.lr=find")
+        found.append(summary(tmp_path / f"found{seed}")["best"]["accuracy"])
+        default.append(summary(tmp_path / f"default{seed}")["best"]["accuracy"])
+    assert np.mean(found) >= np.mean(default) - 0.005, (found, default)
