@@ -182,7 +182,7 @@ def test_model_transformer_composes_and_builds() -> None:
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.data.name == "pydoc" and cfg.trainer.grad_clip is not None
-    assert cfg.regularization.dropout == 0.1 and cfg.model.family == "text"
+    assert cfg.regularization.wd == 0.1 and cfg.model.family == "text"
     model = transformer.build(cfg, types.SimpleNamespace(vocab_size=104, bptt=cfg.data.bptt))
     assert model.context == 2 * cfg.data.bptt and len(model.blocks) == cfg.model.n_layers
 
