@@ -61,7 +61,9 @@ def load(run_dir: Path):  # -> tuple[nn.Module, Vocab]
 
 
 def sample(model, vocab, prompt: str, n: int, temperature: float, seed: int) -> str:
-    """`n` tokens following `prompt`, drawn one at a time, the hidden state carried along."""
+    """`n` tokens following `prompt`, drawn one at a time. The model keeps what it has read
+    (an RNN its hidden state, a Transformer its window of tokens): `reset_state()` empties it,
+    `feed(ids)` reads more and returns the next token's logits."""
     import torch
 
     from dlrun.data.text import EOS, tokenize
@@ -76,7 +78,7 @@ def sample(model, vocab, prompt: str, n: int, temperature: float, seed: int) -> 
     model.reset_state()
     with torch.no_grad():
         for _ in range(n):
-            logits = model(ids)[0, -1].float()
+            logits = model.feed(ids).float()  # the prompt first, then the token just drawn
             if temperature == 0:
                 nxt = int(logits.argmax())
             else:

@@ -193,6 +193,13 @@ class RNNLanguageModel(nn.Module):
         """Forget the hidden state (a new epoch or a new stream starts)."""
         self.hidden = None
 
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [vocab] of the token after `ids` [1, t], read on from the carried hidden state
+        (generation: the prompt once, then each sampled token)."""
+        out = self(ids)
+        logits = out[0] if isinstance(out, tuple) else out  # in training mode, (logits, penalty)
+        return logits[0, -1]
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         weight, p = self.encoder.weight, self.drops["embed"]
         if self.training and p > 0:
