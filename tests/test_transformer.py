@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
-from conftest import dlrun
+from conftest import compose, dlrun
 from omegaconf import OmegaConf
 
-from dlrun.data.text import Vocab
+from dlrun.config import validate
+from dlrun.data.text import TextFacts, Vocab
 from dlrun.errors import DlrunError
 from dlrun.generate import sample
 from dlrun.models import transformer
 from dlrun.models.rnn import RNNLanguageModel
 
-# The builder reads only these two facts of the data.
-FACTS = types.SimpleNamespace(vocab_size=50, bptt=16)
+FACTS = TextFacts(n_out=50, tokens="char", bptt=16)
 NO_DROP = dict.fromkeys(("embed", "input", "hidden", "weight", "output"), 0.0)
 
 
@@ -167,7 +165,7 @@ def test_sample_draws_the_same_rnn_text_as_before() -> None:
 def test_sample_generates_from_a_transformer() -> None:
     vocab = Vocab(["<unk>", *"abcdefghij "], "char")
     torch.manual_seed(0)
-    facts = types.SimpleNamespace(vocab_size=len(vocab), bptt=4)
+    facts = TextFacts(n_out=len(vocab), tokens="char", bptt=4)
     model = transformer.build(config(), facts).eval()
     text = sample(model, vocab, "abc ", 40, 1.0, seed=3)  # runs past the 8-token context
     assert len(text) == 40 and text == sample(model, vocab, "abc ", 40, 1.0, seed=3)
@@ -183,7 +181,7 @@ def test_model_transformer_composes_and_builds() -> None:
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.data.name == "pydoc" and cfg.trainer.grad_clip is not None
     assert cfg.regularization.wd == 0.1 and cfg.model.family == "text"
-    model = transformer.build(cfg, types.SimpleNamespace(vocab_size=104, bptt=cfg.data.bptt))
+    model = transformer.build(cfg, TextFacts(n_out=104, tokens="char", bptt=cfg.data.bptt))
     assert model.context == 2 * cfg.data.bptt and len(model.blocks) == cfg.model.n_layers
 
 
@@ -200,5 +198,36 @@ def test_n_embd_must_be_a_multiple_of_n_head() -> None:
 
 @pytest.mark.parametrize("key, value", [("context", 0), ("context", 2.5), ("n_head", 0), ("n_embd", -4)])
 def test_sizes_must_be_positive_integers(key: str, value: object) -> None:
-    with pytest.raises(DlrunError, match=f"model.{key}="):
-        transformer.build(config(**{key: value}), FACTS)
+    with pytest.raises(DlrunError, match=f"model.{key}={value}.* must be an integer >= 1"):
+        validate(compose("model=transformer", f"model.{key}={value}"))
+
+
+# --- through the command line ----------------------------------------------------------------
+
+TINY_RUN = [
+    "model=transformer",
+    "model.n_embd=16",
+    "model.n_head=2",
+    "model.n_layers=1",
+    "data.bs=8",
+    "data.bptt=16",
+    "trainer.epochs=1",
+    "trainer.limit_batches=30",
+    "optimizer.lr=1e-2",
+]
+
+
+@pytest.mark.parametrize("extra", [[], ["data.variable_bptt=true", "model.context=16"]])
+def test_trains_on_the_bundled_prose_and_generates(run_dir, extra) -> None:
+    import json
+
+    from conftest import summary, train
+
+    train(run_dir, *TINY_RUN, *extra)
+    result = summary(run_dir)
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    assert result["status"] == "completed" and result["monitor"] == "perplexity"
+    assert result["best"]["perplexity"] < len(vocab["itos"]) / 2  # a uniform guess scores the vocabulary size
+    proc = dlrun("generate", str(run_dir), "-n", "60", "--prompt", "The ")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The ") and len(proc.stdout) >= 60

@@ -19,7 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlrun.data.text import TextFacts
 from dlrun.errors import DlrunError
+from dlrun.family import dropout
+from dlrun.rules import BOOL, Int
+
+RULES = {
+    "model.n_embd": Int(1),
+    "model.n_head": Int(1),
+    "model.n_layers": Int(1),
+    "model.context": Int(1, nullable=True),
+    "model.bias": BOOL,
+    "model.tie_weights": BOOL,
+}
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,39 +153,25 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build(cfg: Any, facts: Any) -> nn.Module:
-    """The Transformer named by `cfg.model`, for a vocabulary of `facts.vocab_size` tokens read
-    in windows of about `facts.bptt`."""
-    m, dropout = cfg.model, cfg.regularization.dropout
-    if not isinstance(dropout, (int, float)):
-        raise DlrunError(
-            f"regularization.dropout={dropout} is a list, but model=transformer takes one number "
-            "(the embedding, attention and residual dropout)"
-        )
-    for key in ("n_embd", "n_head"):
-        if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 1:
-            raise DlrunError(f"model.{key}={m[key]!r} is not allowed: model.{key} must be an integer >= 1")
+def build(cfg: Any, facts: TextFacts) -> nn.Module:
+    """The Transformer named by `cfg.model`, for the vocabulary, with room for windows of
+    about `data.bptt` tokens."""
+    m = cfg.model
     if m.n_embd % m.n_head:
         raise DlrunError(
             f"model.n_embd={m.n_embd} is not a multiple of model.n_head={m.n_head}: each head gets "
             f"n_embd / n_head dimensions, so set model.n_embd to a multiple of {m.n_head} "
             f"(e.g. {m.n_head * max(1, round(m.n_embd / m.n_head))}) or change model.n_head"
         )
-    context = m.context
-    if context is None:  # room for variable-length windows, which can run past bptt
-        context = 2 * int(facts.bptt)
-    elif not isinstance(context, int) or isinstance(context, bool) or context < 1:
-        raise DlrunError(
-            f"model.context={context!r} is not allowed: give the number of positions the model "
-            "learns (an integer >= 1), or null for 2 x data.bptt"
-        )
+    # null: room for variable-length windows, which can run past bptt
+    context = 2 * facts.bptt if m.context is None else m.context
     return TransformerLanguageModel(
-        vocab_size=int(facts.vocab_size),
+        vocab_size=facts.vocab_size,
         n_embd=m.n_embd,
         n_head=m.n_head,
         n_layers=m.n_layers,
         context=context,
         bias=m.bias,
         tie_weights=m.tie_weights,
-        dropout=float(dropout),
+        dropout=dropout(cfg.regularization, "transformer"),
     )
