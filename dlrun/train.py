@@ -106,8 +106,9 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
         for epoch in range(state.epoch, tr.epochs):
             # --- train ---
             learner.model.train()
-            learner.reset_state()
             if state.batch == 0:
+                # A fresh epoch; one resumed mid-epoch continues the hidden state its checkpoint holds.
+                learner.reset_state()
                 state.loss_sum, state.items, state.epoch_seconds = (
                     torch.zeros((), device=learner.device),
                     0,
