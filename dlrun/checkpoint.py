@@ -27,7 +27,7 @@ class RunState:
     epoch_seconds: float = 0.0  # training time of the current epoch so far
     train_items: int = 0  # items and seconds of all training, for items/s
     train_seconds: float = 0.0
-    wall_before: float = 0.0  # wall time of earlier sessions of this run
+    wall_before: float = 0.0  # wall time of the run up to this checkpoint (earlier sessions included)
     best: dict[str, float] | None = None
     best_epoch: int = 0
 
