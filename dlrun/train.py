@@ -302,7 +302,7 @@ def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         summary = train(cfg, run_dir)
     except AlreadyComplete as done:
-        report.console.print(f"[yellow]{done}")
+        report.console.print(str(done), style="yellow", markup=False, soft_wrap=True)
         return rundir.read_json(run_dir / rundir.SUMMARY)
     except Interrupted:
         report.err_console.print(
