@@ -27,7 +27,7 @@ class RunState:
     epoch_seconds: float = 0.0  # training time of the current epoch so far
     train_items: int = 0  # items and seconds of all training, for items/s
     train_seconds: float = 0.0
-    wall_before: float = 0.0  # wall time of earlier sessions of this run
+    wall_before: float = 0.0  # wall time of the run up to this checkpoint (earlier sessions included)
     best: dict[str, float] | None = None
     best_epoch: int = 0
 
@@ -44,12 +44,15 @@ def save_torch(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: Path, learner: Learner, state: RunState) -> None:
-    """Model, optimizer, run state and RNG state, written atomically."""
+    """Model (with the state it carries between batches), optimizer, run state and RNG state,
+    written atomically."""
     ckpt = {
         "model": learner.model.state_dict(),
         "optimizer": learner.optimizer.state_dict(),
         "scaler": learner.scaler.state_dict() if learner.scaler is not None else None,
         "state": asdict(state),
+        # A hidden state carried between batches: mid-epoch, the next batch continues it.
+        "carried": learner.carried_state(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if learner.device.type == "cuda" else [],
     }
@@ -73,6 +76,7 @@ def load_checkpoint(path: Path, learner: Learner) -> RunState:
     learner.optimizer.load_state_dict(ckpt["optimizer"])
     if learner.scaler is not None and ckpt["scaler"]:
         learner.scaler.load_state_dict(ckpt["scaler"])
+    learner.load_carried_state(ckpt.get("carried"))
     torch.set_rng_state(ckpt["rng_cpu"].cpu())
     if ckpt["rng_cuda"]:
         torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])

@@ -10,6 +10,9 @@ A family is a data module and a model module, each with its YAML file:
   A model may also define `reset_state()` (forget a carried hidden state; the loop calls it
   before every pass over the data) and `feed(ids) -> logits` (language models: consume new
   tokens, return the next token's logits; `dlrun generate` needs nothing else).
+  A model that carries state from one batch to the next defines `carried_state()` (that
+  state as tensors in plain lists, tuples and dicts, or None) and `load_carried_state(state)`:
+  the checkpoint holds it, so a run resumed mid-epoch continues exactly where it stopped.
 - Either module may define `RULES: dict[str, Rule]` (`dlrun.config.Rule`), the value checks of
   its own config keys, run before any work.
 - A metrics object names its `monitor` and whether that is better lower or higher (`mode`).

@@ -12,6 +12,7 @@ from pathlib import Path
 from dlrun.errors import DlrunError
 
 USAGE = "dlrun generate RUN_DIR [--prompt TEXT] [-n N] [--temperature T] [--seed S]"
+MAX_TOKENS = 100_000  # one forward pass per token: more would run for hours on a CPU
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -37,6 +38,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise
     if args.n < 1:
         raise DlrunError(f"-n {args.n} is not allowed: generate at least 1 token")
+    if args.n > MAX_TOKENS:
+        raise DlrunError(f"-n {args.n} is too many: generate at most {MAX_TOKENS} tokens at a time")
     if args.temperature < 0:
         raise DlrunError(f"--temperature {args.temperature} is not allowed: use 0 (greedy) or more")
     return args

@@ -83,6 +83,17 @@ class Learner:
         if reset is not None:
             reset()
 
+    def carried_state(self) -> Any:
+        """What the model carries from one batch to the next (None if nothing)."""
+        get = getattr(self.model, "carried_state", None)
+        return get() if get is not None else None
+
+    def load_carried_state(self, state: Any) -> None:
+        """Give the model back what `carried_state` returned, so the next batch continues it."""
+        load = getattr(self.model, "load_carried_state", None)
+        if load is not None:
+            load(state)
+
 
 def prepare(cfg: DictConfig) -> Learner:
     """Seed, pick the device and precision, build data, model and optimizer."""

@@ -45,6 +45,15 @@ def _umask() -> int:
     return mask
 
 
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of `write_atomic` that a killed process left in `run_dir`
+    (the files they were meant to replace are intact); returns what was removed."""
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
     write_atomic(path, lambda f: json.dump(obj, f, indent=2, allow_nan=True))

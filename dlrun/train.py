@@ -42,6 +42,10 @@ class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) stopped the run after its checkpoint was saved."""
 
 
+class AlreadyComplete(Exception):
+    """`resume=` named a run that has already trained all its epochs: nothing was changed."""
+
+
 class StopRequest:
     """Turns the first Ctrl-C (or SIGTERM) into a flag the loop checks between steps,
     so the checkpoint never holds a half-applied update; a second Ctrl-C stops at once."""
@@ -76,6 +80,16 @@ def advice(cfg: DictConfig, learner: Learner) -> str:
     return "try " + ", ".join(fixes)
 
 
+def how_diverged(scores: dict[str, float], monitor: str) -> str:
+    """How an epoch's losses diverged, or "" if they did not. A finite loss can still
+    overflow the monitored metric (perplexity is exp(loss)): that run has diverged too."""
+    if not (math.isfinite(scores["train_loss"]) and math.isfinite(scores["valid_loss"])):
+        return "non-finite"
+    if not math.isfinite(scores[monitor]):
+        return f"so large that {monitor} is {scores[monitor]}"
+    return ""
+
+
 def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[str, Any]:
     """Train `cfg`'s experiment, writing metrics, checkpoints, plots and the summary into
     `run_dir`; return the summary. Resumes from run_dir's checkpoint when `cfg.resume` is set."""
@@ -85,9 +99,16 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
     steps = len(data.train) if tr.limit_batches is None else min(len(data.train), tr.limit_batches)
     if cfg.resume:
         state = load_checkpoint(run_dir / rundir.CHECKPOINT, learner)
+        if state.epoch >= tr.epochs and finished(run_dir):
+            raise AlreadyComplete(
+                f"{run_dir} is already complete ({state.epoch} of {tr.epochs} epochs): "
+                "nothing to resume, nothing changed"
+            )
     else:
         lr = lr_find(cfg, learner, run_dir)["lr"] if cfg.optimizer.lr == "find" else float(cfg.optimizer.lr)
         state = RunState(lr=lr)
+    for path in rundir.remove_partial_writes(run_dir):
+        log.info("removed %s, a partial write of a killed run", path.name)
     save_state(data, run_dir)
     schedule = build_schedule(cfg.schedule, state.lr, steps * tr.epochs, steps)
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch)
@@ -100,14 +121,20 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
         summary.write(status, metrics_log.rows, str(error))
         raise error
 
+    def checkpoint() -> None:
+        """checkpoint.pt, with the wall time so far: a resumed run's wall time continues from it."""
+        state.wall_before = summary.wall()
+        save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
+
     with StopRequest() as stop_request, report.EpochDisplay(tr.progress) as display:
         for row in metrics_log.rows:
             display.row(row)
         for epoch in range(state.epoch, tr.epochs):
             # --- train ---
             learner.model.train()
-            learner.reset_state()
             if state.batch == 0:
+                # A fresh epoch; one resumed mid-epoch continues the hidden state its checkpoint holds.
+                learner.reset_state()
                 state.loss_sum, state.items, state.epoch_seconds = (
                     torch.zeros((), device=learner.device),
                     0,
@@ -142,7 +169,7 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
                     # RNG state has not yet been used for the next batch's augmentation.
                     state.count_time(time.perf_counter() - t0, state.items - items0)
                     if tr.checkpoint:
-                        save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
+                        checkpoint()
                     end("interrupted", Interrupted())
             state.count_time(time.perf_counter() - t0, state.items - items0)
             train_loss = (state.loss_sum / max(state.items, 1)).item()
@@ -155,21 +182,29 @@ def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[
             display.row(row)
             log.info("epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
             state.epoch, state.batch = epoch + 1, 0
-            if not all(math.isfinite(v) for v in (train_loss, valid["valid_loss"])):
-                end(
-                    "diverged",
-                    Diverged(f"the loss became non-finite in epoch {epoch + 1}: {advice(cfg, learner)}"),
-                )
+            scores = {"train_loss": train_loss, **valid}
+            what = how_diverged(scores, metrics.monitor)
+            if what:
+                why = f"the loss became {what} in epoch {epoch + 1}: {advice(cfg, learner)}"
+                end("diverged", Diverged(why))
 
             # --- best weights, checkpoint ---
-            scores = {"train_loss": train_loss, **valid}
             if better(metrics.mode, scores[metrics.monitor], state.best and state.best[metrics.monitor]):
                 state.best, state.best_epoch = scores, epoch + 1
                 if tr.checkpoint:
                     save_best(run_dir / rundir.BEST, learner, epoch + 1, scores)
             if tr.checkpoint:
-                save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
+                checkpoint()
     return summary.write("completed", metrics_log.rows)
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether run_dir's summary.json says the run completed (a run killed after its last
+    checkpoint but before its summary is not: resuming it writes the summary)."""
+    try:
+        return rundir.read_json(run_dir / rundir.SUMMARY).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class Summary:
@@ -177,12 +212,15 @@ class Summary:
 
     def __init__(self, run_dir: Path, learner: Learner | None, started: float, state: RunState | None):
         self.run_dir, self.learner, self.started, self.state = run_dir, learner, started, state
+        self.wall_before = state.wall_before if state else 0.0  # earlier sessions of a resumed run
+
+    def wall(self) -> float:
+        """Seconds of wall time of the whole run so far, earlier sessions included."""
+        return self.wall_before + time.time() - self.started
 
     def write(self, status: str, rows: list[dict[str, float]], message: str = "") -> dict[str, Any]:
         state = self.state or RunState()
-        wall = state.wall_before + time.time() - self.started
-        if status != "completed":
-            state.wall_before = wall  # a resumed run's wall time continues from here
+        wall = self.wall()
         metric_names = [k for k in (rows[-1] if rows else {}) if k not in ("epoch", "lr", "seconds")]
         metrics = self.learner.data.metrics() if self.learner else None
         summary = {
@@ -263,6 +301,9 @@ def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """The task behind `dlrun train`: train, then say where everything is."""
     try:
         summary = train(cfg, run_dir)
+    except AlreadyComplete as done:
+        report.console.print(str(done), style="yellow", markup=False, soft_wrap=True)
+        return rundir.read_json(run_dir / rundir.SUMMARY)
     except Interrupted:
         report.err_console.print(
             f"[yellow]interrupted; checkpoint saved. Resume with:\n  {resume_command(run_dir)}"

@@ -369,6 +369,11 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
     if task == "classification":
         # Classes from all rows: a class seen only in validation still gets an output.
         classes = fit_levels(y_raw)[1:]
+        if len(classes) < 2:  # every prediction would be right: accuracy 1.0 means nothing
+            raise DlrunError(
+                f"the target data.y_name={y_name!r} has one class ({classes[0]!r}) in all {len(df)} rows: "
+                "a classifier needs at least two; check data.y_name (or data.task=regression for a number)"
+            )
         y = pd.Index(classes).get_indexer(as_levels(y_raw)).astype(np.int64)
     else:
         y = numbers(y_raw, "data.y_name").to_numpy()

@@ -7,7 +7,8 @@ weight-drop on the hidden-to-hidden weights, and activation (AR) / temporal
 activation (TAR) penalties. The five dropout probabilities are
 `regularization.dropout` times the per-site factors in `regularization.dropouts`
 (fastai's drop_mult). The model keeps its hidden state between calls, detached,
-so consecutive BPTT windows continue each other; `reset_state()` starts afresh.
+so consecutive BPTT windows continue each other; `reset_state()` starts afresh, and
+`carried_state()` / `load_carried_state()` let a checkpoint taken mid-epoch continue it.
 """
 
 from __future__ import annotations
@@ -199,6 +200,15 @@ class RNNLanguageModel(nn.Module):
         out = self(ids)
         logits = out[0] if isinstance(out, tuple) else out  # in training mode, (logits, penalty)
         return logits[0, -1]
+
+    def carried_state(self) -> dict[str, Any] | None:
+        """The hidden state the next window continues from (tensors in lists and tuples, which
+        `torch.load(weights_only=True)` reads back), for a checkpoint taken mid-epoch."""
+        return None if self.hidden is None else {"hidden": self.hidden, "bs": self.hidden_bs}
+
+    def load_carried_state(self, state: dict[str, Any] | None) -> None:
+        """Continue from a `carried_state()`: the next window follows the one it was taken after."""
+        self.hidden, self.hidden_bs = (None, 0) if state is None else (list(state["hidden"]), state["bs"])
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         weight, p = self.encoder.weight, self.drops["embed"]

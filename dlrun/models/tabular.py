@@ -98,7 +98,11 @@ def build(cfg: Any, facts: TableFacts) -> nn.Module:
         bounds = list(m.y_range) if isinstance(m.y_range, Sequence) else [m.y_range]
         y_range = tuple(float(v) for v in bounds)
         if len(y_range) != 2 or not y_range[0] < y_range[1]:
-            raise DlrunError(f"model.y_range={list(bounds)} must be [low, high] with low < high")
+            given = f"[{','.join(str(v) for v in bounds)}]" if isinstance(m.y_range, Sequence) else m.y_range
+            raise DlrunError(
+                f"model.y_range={given} must be two numbers, the lowest and the highest target "
+                "with low < high: for example model.y_range=[0,5]"
+            )
     overrides = {str(k): int(v) for k, v in (m.get("emb_szs") or {}).items()}
     net = TabularNet(
         n_levels=facts.n_levels,
