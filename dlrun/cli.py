@@ -153,7 +153,8 @@ def complete(argv: list[str]) -> int:
 
 
 def run_hydra(command: str, args: list[str]) -> int:
-    """Run `command`'s task through Hydra, after checking the overrides ourselves."""
+    """Run `command`'s task through Hydra, after checking the overrides ourselves and claiming
+    the run's (or the sweep's) own directory."""
     import hydra
 
     from dlrun.config_tree import configs_dir
@@ -161,15 +162,83 @@ def run_hydra(command: str, args: list[str]) -> int:
     config_name = HYDRA_COMMANDS[command][0]
     if command == "train":
         args = expand_resume(args)
+    output = None
     if not any(a.split("=")[0] in NO_PREFLIGHT for a in args):
         # Printing the config (--cfg job) must not import torch, which the family checks do.
-        preflight(config_name, args, deep=not any(a in ("--cfg", "-c") for a in args))
+        printing = any(a.split("=")[0] in ("--cfg", "-c") for a in args)
+        preflight(config_name, args, deep=not printing)
+        if not printing:
+            output = claim_output(config_name, args)
+            args = args + output.overrides
     sys.argv = ["dlrun"] + args
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(
         make_task(command)
     )
-    task()
+    try:
+        task()
+    finally:
+        if output is not None:
+            output.release()
     return 0
+
+
+class Output:
+    """Where a run or a sweep writes: the directory (claimed for this process alone unless the
+    user named it) and the override that hands it to Hydra."""
+
+    def __init__(self, path: Path, sweep: bool, claimed: bool):
+        self.path, self.sweep, self.claimed = path, sweep, claimed
+        key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+        self.overrides = [f"{key}={quote(str(path))}"] if claimed else []
+
+    def release(self) -> None:
+        """A claimed directory that nothing was written into (Hydra stopped before the job
+        began) is removed again."""
+        if self.claimed:
+            try:
+                self.path.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
+def claim_output(config_name: str, args: list[str]) -> Output:
+    """Resolve the configured directory pattern (`hydra.run.dir` or, with -m,
+    `hydra.sweep.dir`, in configs/base.yaml) and create it exclusively: two runs started in
+    the same second, from any number of processes, never share a directory. The literal path
+    goes to Hydra as an override, so every job and every launcher process sees the same one.
+    A directory the user named is used as given."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from dlrun import rundir
+    from dlrun.config_tree import configs_dir
+
+    parsed_args, _ = get_args_parser().parse_known_args(args)
+    overrides = OverridesParser.create().parse_overrides(parsed_args.overrides)
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="dlrun"):
+        try:
+            cfg = compose(config_name, overrides=fixed, return_hydra_config=True)
+        except Exception as e:  # noqa: BLE001 - preflight has checked the overrides; Hydra says why
+            raise DlrunError(first_line(e)) from e
+    sweep = bool(parsed_args.multirun) or cfg.hydra.mode == RunMode.MULTIRUN
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the pattern
+    path = Path(str(OmegaConf.select(cfg, key)))
+    if any(o.key_or_group.lstrip("+") == key for o in overrides):
+        return Output(path, sweep, False)
+    try:
+        path = rundir.claim(path)
+    except OSError as e:
+        raise DlrunError(
+            f"cannot create the {'sweep' if sweep else 'run'} directory {path}: {e.strerror or e}: "
+            f"run dlrun from a folder you can write to, or choose one with {key}=DIR"
+        ) from e
+    return Output(path, sweep, True)
 
 
 def make_task(command: str) -> Any:

@@ -3,9 +3,97 @@ a sweep keeps its summary whatever its jobs do, `dlrun runs` reads past any bad 
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
+from datetime import datetime, timedelta
+from pathlib import Path
 
-from conftest import dlrun
+import pytest
+from conftest import DLRUN, QUICK, dlrun, metrics_rows, summary
+
+TINY = [*QUICK, "trainer.limit_batches=1"]
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen(
+        [DLRUN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def taken(folder: Path, seconds: int = 300) -> set[Path]:
+    """Directories named for every second from now on, as earlier runs would have left them:
+    whichever second a new run starts in, the name it would pick is in use."""
+    folder.mkdir(parents=True)
+    now = datetime.now()
+    dirs = set()
+    for s in range(-2, seconds):
+        d = folder / (now + timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S")
+        d.mkdir()
+        (d / "earlier-run.txt").write_text("not yours\n")
+        dirs.add(d)
+    return dirs
+
+
+def overrides(run: Path) -> list[str]:
+    return [
+        line.removeprefix("- ").strip()
+        for line in (run / ".hydra" / "overrides.yaml").read_text().splitlines()
+    ]
+
+
+@pytest.mark.slow
+def test_runs_started_in_the_same_second_each_get_their_own_directory(tmp_path):
+    earlier = taken(tmp_path / "outputs" / "train")
+    procs = {n: start("train", *TINY, f"trainer.epochs={n}", cwd=tmp_path) for n in (1, 2, 3)}
+    dirs = {}
+    for n, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+        dirs[n] = Path(out.split("run directory: ")[1].split()[0])
+    assert len(set(dirs.values())) == 3
+    for d in earlier:
+        assert [p.name for p in d.iterdir()] == ["earlier-run.txt"]
+    for n, run in dirs.items():
+        assert "earlier-run.txt" not in os.listdir(run)
+        assert f"trainer.epochs={n}" in overrides(run)
+        assert len(metrics_rows(run)) == summary(run)["epochs"] == n
+        assert summary(run)["status"] == "completed"
+        assert (run / "best.pt").is_file() and (run / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_sweeps_started_in_the_same_second_each_get_their_own_directory(tmp_path):
+    earlier = taken(tmp_path / "outputs" / "train-multirun")
+    launchers = {1: [], 2: ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
+    procs = {
+        n: start("train", "-m", *TINY, f"trainer.epochs={n}", "seed=0,1", *launcher, cwd=tmp_path)
+        for n, launcher in launchers.items()
+    }
+    for proc in procs.values():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+    for d in earlier:
+        assert [p.name for p in d.iterdir()] == ["earlier-run.txt"]
+    sweeps = sorted(set((tmp_path / "outputs" / "train-multirun").iterdir()) - earlier)
+    assert len(sweeps) == 2
+    epochs_of = {}
+    for sweep in sweeps:
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+        assert [j.name for j in jobs] == ["0", "1"]
+        epochs = {o for j in jobs for o in overrides(j) if o.startswith("trainer.epochs=")}
+        assert len(epochs) == 1
+        n = int(epochs.pop().split("=")[1])
+        epochs_of[n] = sweep
+        for job, seed in zip(jobs, ("0", "1")):
+            assert f"seed={seed}" in overrides(job)
+            assert len(metrics_rows(job)) == summary(job)["epochs"] == n
+        with open(sweep / "summary.csv", newline="") as f:
+            assert sorted(r["seed"] for r in csv.DictReader(f)) == ["0", "1"]
+    assert sorted(epochs_of) == [1, 2]
 
 
 def test_runs_shows_unreadable_summaries_and_goes_on(tmp_path):
