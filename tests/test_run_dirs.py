@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +16,33 @@ import pytest
 from conftest import DLRUN, QUICK, dlrun, metrics_rows, summary
 
 TINY = [*QUICK, "trainer.limit_batches=1"]
+
+# Loaded by every dlrun process (and every joblib worker) started with `faulty_env`: the
+# model of a run with seed FAIL_SEED raises a KeyError, a bug as dlrun's own code could have.
+SITECUSTOMIZE = """
+import os
+
+import dlrun.learner
+
+_build_model = dlrun.learner.build_model
+
+
+def build_model(cfg, facts):
+    if cfg.seed == int(os.environ["FAIL_SEED"]):
+        raise KeyError("injected fault")
+    return _build_model(cfg, facts)
+
+
+dlrun.learner.build_model = build_model
+"""
+
+
+def faulty_env(tmp_path: Path, seed: int) -> dict[str, str]:
+    folder = tmp_path / "fault"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "FAIL_SEED": str(seed)}
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
@@ -94,6 +123,71 @@ def test_sweeps_started_in_the_same_second_each_get_their_own_directory(tmp_path
         with open(sweep / "summary.csv", newline="") as f:
             assert sorted(r["seed"] for r in csv.DictReader(f)) == ["0", "1"]
     assert sorted(epochs_of) == [1, 2]
+
+
+def test_a_sweep_job_that_crashes_is_recorded_and_the_summary_is_written(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = dlrun(
+        "train", "-m", f"hydra.sweep.dir={sweep}", *TINY, "trainer.epochs=1", "seed=0,1,2",
+        env=faulty_env(tmp_path, 1),
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out, out
+    assert "job 1 (seed=1) failed: KeyError: 'injected fault'" in proc.stderr
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["status"], r["seed"]) for r in rows)[-1] == ("failed", "1")  # and listed last
+    assert rows[-1]["seed"] == "1" and [r["status"] for r in rows[:2]] == ["completed", "completed"]
+    assert (sweep / "sweep.png").is_file()
+    assert summary(sweep / "1")["status"] == "failed"
+    assert summary(sweep / "1")["message"] == "KeyError: 'injected fault'"
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith("1 of 3 jobs did not complete"), out
+    assert "1" in last[1] and "seed=1" in last[1] and "failed" in last[1], out
+    again = dlrun("runs", str(sweep))
+    assert again.returncode == 0 and "3 runs" in again.stdout and "failed" in again.stdout
+
+
+def test_a_single_run_that_crashes_shows_the_bug_and_records_it(tmp_path):
+    run = tmp_path / "run"
+    proc = dlrun("train", f"hydra.run.dir={run}", *TINY, "seed=1", env=faulty_env(tmp_path, 1))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "KeyError: 'injected fault'" in proc.stderr
+    assert summary(run)["status"] == "failed"
+    assert summary(run)["message"] == "KeyError: 'injected fault'"
+
+
+def test_ctrl_c_during_a_sweep_still_writes_its_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen(
+        [DLRUN, "train", "-m", f"hydra.sweep.dir={sweep}", *TINY, "trainer.epochs=10000", "seed=0,1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (sweep / "0" / "metrics.csv").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err, out + err
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["interrupted"]
+    assert summary(sweep / "0")["status"] == "interrupted"
+    assert not (sweep / "1").exists()  # Ctrl-C stops the sweep
+    assert "did not complete" in out and "interrupted" in out.strip().splitlines()[-1]
 
 
 def test_runs_shows_unreadable_summaries_and_goes_on(tmp_path):
