@@ -198,10 +198,10 @@ class Output:
     """Where a run or a sweep writes: the directory (claimed for this process alone unless the
     user named it), the override that hands it to Hydra, and what a sweep's end needs."""
 
-    def __init__(self, path: Path, sweep: bool, claimed: bool, config: Any, swept: list[str]):
+    def __init__(self, path: Path, sweep: bool, claimed: bool, config: Any, swept: list[str], pin: bool):
         self.path, self.sweep, self.claimed, self.config, self.swept = path, sweep, claimed, config, swept
         key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-        self.overrides = [f"{key}={quote(str(path))}"] if claimed else []
+        self.overrides = [f"{key}={quote(str(path))}"] if pin else []
 
     def release(self) -> None:
         """A claimed directory that nothing was written into (Hydra stopped before the job
@@ -242,8 +242,10 @@ def claim_output(config_name: str, args: list[str]) -> Output:
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the pattern
     path = Path(str(OmegaConf.select(cfg, key)))
-    if any(o.key_or_group.lstrip("+") == key for o in overrides):
-        return Output(path, sweep, False, cfg, swept)
+    given = [o for o in overrides if o.key_or_group == key]
+    if given:
+        # As given; one with ${now:...} in it is resolved here, once, like the claimed one.
+        return Output(path, sweep, False, cfg, swept, pin="${" in str(given[-1].value()))
     try:
         path = rundir.claim(path)
     except OSError as e:
@@ -253,7 +255,7 @@ def claim_output(config_name: str, args: list[str]) -> Output:
         ) from e
     with read_write(cfg.hydra):
         OmegaConf.update(cfg, key, str(path))
-    return Output(path, sweep, True, cfg, swept)
+    return Output(path, sweep, True, cfg, swept, pin=True)
 
 
 def end_sweep(output: Output, stopped: bool, interrupted: bool = False) -> int:

@@ -153,7 +153,7 @@ def test_a_single_run_that_crashes_shows_the_bug_and_records_it(tmp_path):
     run = tmp_path / "run"
     proc = dlrun("train", f"hydra.run.dir={run}", *TINY, "seed=1", env=faulty_env(tmp_path, 1))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "KeyError: 'injected fault'" in proc.stderr
+    assert "Traceback" in proc.stderr and "KeyError: 'injected fault'" in proc.stderr  # a bug shows where
     assert summary(run)["status"] == "failed"
     assert summary(run)["message"] == "KeyError: 'injected fault'"
 
