@@ -12,6 +12,8 @@ import importlib
 import os
 import shlex
 import sys
+import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,7 +155,9 @@ def complete(argv: list[str]) -> int:
 
 
 def run_hydra(command: str, args: list[str]) -> int:
-    """Run `command`'s task through Hydra, after checking the overrides ourselves."""
+    """Run `command`'s task through Hydra, after checking the overrides ourselves and claiming
+    the run's (or the sweep's) own directory. A sweep ends with its summary whatever its jobs
+    did, and exits non-zero when any job did not complete (130 after Ctrl-C)."""
     import hydra
 
     from dlrun.config_tree import configs_dir
@@ -161,19 +165,129 @@ def run_hydra(command: str, args: list[str]) -> int:
     config_name = HYDRA_COMMANDS[command][0]
     if command == "train":
         args = expand_resume(args)
+    output = None
     if not any(a.split("=")[0] in NO_PREFLIGHT for a in args):
         # Printing the config (--cfg job) must not import torch, which the family checks do.
-        preflight(config_name, args, deep=not any(a in ("--cfg", "-c") for a in args))
+        printing = any(a.split("=")[0] in ("--cfg", "-c") for a in args)
+        preflight(config_name, args, deep=not printing)
+        if not printing:
+            output = claim_output(config_name, args)
+            args = args + output.overrides
     sys.argv = ["dlrun"] + args
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(
-        make_task(command)
+        make_task(command, output.swept if output else None)
     )
-    task()
-    return 0
+    if output is None:
+        task()
+        return 0
+    try:
+        task()
+    except BaseException as e:
+        if not output.sweep:
+            raise
+        end_sweep(output, stopped=True, interrupted=is_interrupt(e))
+        if is_interrupt(e):
+            return 130
+        raise
+    finally:
+        output.release()
+    return end_sweep(output, stopped=False) if output.sweep else 0
 
 
-def make_task(command: str) -> Any:
-    """The function Hydra calls once per job, with the composed config."""
+class Output:
+    """Where a run or a sweep writes: the directory (claimed for this process alone unless the
+    user named it), the override that hands it to Hydra, and what a sweep's end needs."""
+
+    def __init__(self, path: Path, sweep: bool, claimed: bool, config: Any, swept: list[str], pin: bool):
+        self.path, self.sweep, self.claimed, self.config, self.swept = path, sweep, claimed, config, swept
+        key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+        self.overrides = [f"{key}={quote(str(path))}"] if pin else []
+
+    def release(self) -> None:
+        """A claimed directory that nothing was written into (Hydra stopped before the job
+        began) is removed again."""
+        if self.claimed:
+            try:
+                self.path.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
+def claim_output(config_name: str, args: list[str]) -> Output:
+    """Resolve the configured directory pattern (`hydra.run.dir` or, with -m,
+    `hydra.sweep.dir`, in configs/base.yaml) and create it exclusively: two runs started in
+    the same second, from any number of processes, never share a directory. The literal path
+    goes to Hydra as an override, so every job and every launcher process sees the same one.
+    A directory the user named is used as given."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, read_write
+
+    from dlrun import rundir
+    from dlrun.config_tree import configs_dir
+
+    parsed_args, _ = get_args_parser().parse_known_args(args)
+    overrides = OverridesParser.create().parse_overrides(parsed_args.overrides)
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    swept = [o.key_or_group.lstrip("+~") for o in overrides if o.is_sweep_override()]
+    with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="dlrun"):
+        try:
+            cfg = compose(config_name, overrides=fixed, return_hydra_config=True)
+        except Exception as e:  # noqa: BLE001 - preflight has checked the overrides; Hydra says why
+            raise DlrunError(first_line(e)) from e
+    sweep = bool(parsed_args.multirun) or cfg.hydra.mode == RunMode.MULTIRUN
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the pattern
+    path = Path(str(OmegaConf.select(cfg, key)))
+    given = [o for o in overrides if o.key_or_group == key]
+    if given:
+        # As given; one with ${now:...} in it is resolved here, once, like the claimed one.
+        return Output(path, sweep, False, cfg, swept, pin="${" in str(given[-1].value()))
+    try:
+        path = rundir.claim(path)
+    except OSError as e:
+        raise DlrunError(
+            f"cannot create the {'sweep' if sweep else 'run'} directory {path}: {e.strerror or e}: "
+            f"run dlrun from a folder you can write to, or choose one with {key}=DIR"
+        ) from e
+    with read_write(cfg.hydra):
+        OmegaConf.update(cfg, key, str(path))
+    return Output(path, sweep, True, cfg, swept, pin=True)
+
+
+def end_sweep(output: Output, stopped: bool, interrupted: bool = False) -> int:
+    """The sweep's last lines: the jobs that did not complete, and the exit code. When the sweep
+    stopped early (Ctrl-C, a launcher failure), Hydra never reached the end of the sweep, so its
+    end-of-sweep callbacks (the summary table, summary.csv, the plots) run here."""
+    from omegaconf import OmegaConf
+
+    from dlrun import rundir, sweep
+
+    if stopped:
+        from hydra.utils import instantiate
+
+        if interrupted:
+            # A launcher's worker processes can be killed while they stop (joblib does):
+            # their jobs were interrupted all the same.
+            for job in sweep.job_dirs(output.path):
+                if sweep.job_end(job)[0] == "unknown":
+                    record_end(job, (job / rundir.CONFIG).stat().st_mtime, KeyboardInterrupt())
+
+        for name, params in (OmegaConf.select(output.config, "hydra.callbacks") or {}).items():
+            try:
+                instantiate(params).on_multirun_end(config=output.config)
+            except Exception as e:  # noqa: BLE001 - one broken callback must not hide the rest
+                print(f"warning: the sweep's {name} callback failed: {describe(e)}", file=sys.stderr)
+    return 1 if sweep.report_unfinished(output.path) else 0
+
+
+def make_task(command: str, swept: list[str] | None = None) -> Any:
+    """The function Hydra calls once per job, with the composed config. Every job that starts
+    leaves a summary.json saying how it ended. In a sweep, a job that fails, for any reason, is
+    reported in one line and the other jobs run; Ctrl-C stops the sweep."""
 
     def task(cfg: Any) -> Any:
         from hydra.core.hydra_config import HydraConfig
@@ -183,13 +297,78 @@ def make_task(command: str) -> Any:
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
-        with user_errors(exit_on_error=hc.mode != RunMode.MULTIRUN):
-            validate(cfg)
-            module = importlib.import_module("dlrun.train" if command == "train" else "dlrun.lr_find")
-            return module.main(cfg, run_dir)
+        in_sweep = hc.mode == RunMode.MULTIRUN
+        started = time.time()
+        with user_errors():
+            try:
+                validate(cfg)
+                module = importlib.import_module("dlrun.train" if command == "train" else "dlrun.lr_find")
+                return module.main(cfg, run_dir)
+            except BaseException as e:
+                status = record_end(run_dir, started, e)
+                if not (in_sweep and isinstance(e, Exception)):
+                    raise  # one run: a user error is one line, anything else a bug's traceback
+                job = describe_job(hc.job.num, list(hc.overrides.task), swept)
+                print_error(f"{job} {status}: {describe(e)}")
+                if verbose():
+                    traceback.print_exception(e)
         return None
 
     return task
+
+
+def record_end(run_dir: Path, started: float, error: BaseException) -> str:
+    """Write summary.json for a job that ended with `error`, unless the job wrote its own (a
+    diverged or interrupted run, a user error the loop recorded). Returns the status it holds."""
+    from dlrun import rundir, runs
+
+    path = run_dir / rundir.SUMMARY
+    if path.is_file():
+        written = runs.read_summary(path)
+        return written["status"] if written else "failed"
+    status = "interrupted" if is_interrupt(error) else "failed"
+    try:
+        from dlrun.train import Summary
+
+        Summary(run_dir, None, started, None).write(status, rundir.read_metrics(run_dir), describe(error))
+    except Exception as e:  # noqa: BLE001 - never hide the job's own error behind this one
+        print(f"warning: could not write {path}: {describe(e)}", file=sys.stderr)
+    return status
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C: caught in the loop (which saves a checkpoint and exits with 130) or not."""
+    return isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit) and error.code == 130)
+
+
+def describe(error: BaseException) -> str:
+    """An exception in one line: a user error's message, anything else with its type."""
+    if isinstance(error, DlrunError):
+        return first_line(error)
+    if is_interrupt(error):
+        return "stopped by Ctrl-C"
+    if isinstance(error, SystemExit):
+        return f"exited with code {error.code}"
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def print_error(text: str) -> None:
+    """One `error: ...` line on stderr (the text is shown as it is, never read as markup)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(text)}")
+
+
+def describe_job(num: int, overrides: list[str], swept: list[str] | None) -> str:
+    """`job 3 (seed=1 data.bptt=70)`: a sweep job by its number and its swept values (all its
+    overrides when which were swept is not known)."""
+    shown = [
+        o
+        for o in overrides
+        if not o.startswith("hydra") and (swept is None or o.split("=")[0].lstrip("+~") in swept)
+    ]
+    return f"job {num}" + (f" ({' '.join(shown)})" if shown else "")
 
 
 def expand_resume(args: list[str]) -> list[str]:

@@ -96,6 +96,22 @@ class MetricsLog:
         write_atomic(self.path, write)
 
 
+def claim(path: str | Path) -> Path:
+    """Create the directory `path` for this process alone and return it. When it exists
+    already (another run that started in the same second, in this process or another),
+    take `path_1`, `path_2`, ... instead: `os.mkdir` fails for all but one claimant."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        candidate = path.with_name(f"{path.name}_{n}") if n else path
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
 def existing_run(run_dir: str | Path, need: str = SUMMARY) -> Path:
     """`run_dir` as a Path, or a user error saying why it is not a dlrun run directory."""
     path = Path(run_dir).expanduser()

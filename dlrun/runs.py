@@ -11,25 +11,60 @@ from typing import Any
 from dlrun import report, rundir
 from dlrun.errors import DlrunError
 
-STATUS_ORDER = {"completed": 0, "interrupted": 1, "diverged": 2, "failed": 3}
+STATUSES = ("completed", "interrupted", "diverged", "failed")
+# A summary.json that is not one dlrun wrote (not JSON, or JSON of another shape) is shown as
+# `unreadable`, after every run that could be read.
+STATUS_ORDER = {status: i for i, status in enumerate((*STATUSES, "unreadable"))}
 
 
 def overrides_of(run_dir: Path) -> dict[str, str]:
-    """The command-line overrides a run was started with, as key -> value."""
+    """The command-line overrides a run was started with, as key -> value ({} when there
+    are none or the file cannot be read)."""
     path = run_dir / rundir.OVERRIDES
     if not path.is_file():
         return {}
-    from omegaconf import OmegaConf
+    from omegaconf import ListConfig, OmegaConf
 
-    pairs = [str(o).split("=", 1) for o in OmegaConf.load(path)]
+    try:
+        saved = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - a damaged file: the run is still listed
+        return {}
+    if not isinstance(saved, ListConfig):
+        return {}
+    pairs = [str(o).split("=", 1) for o in saved]
     return {k.lstrip("+~"): v for k, v in (p for p in pairs if len(p) == 2) if k != "resume"}
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's summary.json, or None when it is not one that dlrun wrote: not JSON, or JSON
+    of another shape (not an object, no known status, metrics that are not numbers)."""
+    try:
+        s = rundir.read_json(path)
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    if not isinstance(s, dict) or s.get("status") not in STATUSES:
+        return None
+    best = s.get("best") or {}
+    if not isinstance(best, dict) or not all(is_number(v) for v in best.values()):
+        return None
+    if not all(s.get(k) is None or is_number(s[k]) for k in ("epochs", "wall_s")):
+        return None
+    if not all(s.get(k) is None or isinstance(s[k], str) for k in ("monitor", "mode", "message")):
+        return None
+    return s
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
     """One record per run directory under `root` that has a summary.json."""
     records = []
     for path in sorted(root.rglob(rundir.SUMMARY)):
-        s = rundir.read_json(path)
+        s = read_summary(path)
+        if s is None:
+            s = {"status": "unreadable", "epochs": math.nan}
         monitor = s.get("monitor") or "valid_loss"
         # Older summaries carry no mode: accuracy was their only higher-is-better metric.
         mode = s.get("mode") or ("max" if monitor == "accuracy" else "min")
@@ -38,7 +73,7 @@ def collect(root: Path) -> list[dict[str, Any]]:
             {
                 "run": str(path.parent.relative_to(root)) if path.parent != root else ".",
                 "overrides": overrides_of(path.parent),
-                "status": s.get("status", "?"),
+                "status": s["status"],
                 "monitor": monitor,
                 "mode": mode,
                 "value": best.get(monitor, math.nan),
@@ -71,7 +106,9 @@ def swept_keys(records: list[dict[str, Any]]) -> list[str]:
 
 def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     swept = swept_keys(records)
-    monitors = sorted({r["monitor"] for r in records})
+    # Name the metric column after what the runs with a value monitor: a failed or
+    # unreadable run's valid_loss is only a placeholder.
+    monitors = sorted({r["monitor"] for r in records if r["value"] == r["value"]} or {"valid_loss"})
     metric = monitors[0] if len(monitors) == 1 else "best"
     columns = ["run", *swept, metric, "valid_loss", "status", "epochs", "time (s)"]
     rows = [

@@ -25,6 +25,45 @@ class SweepSummary(Callback):
         runs.show(records, f"sweep of {len(records)} jobs, best first ({root})")
 
 
+def job_dirs(root: Path) -> list[Path]:
+    """The jobs of a sweep: directories under `root` that Hydra wrote a config into, in job order."""
+    jobs = [p.parent.parent for p in root.glob(f"**/{rundir.CONFIG}") if p.parent.parent != root]
+    return sorted(jobs, key=lambda p: (len(p.name), p.name))
+
+
+def job_end(job: Path) -> tuple[str, str]:
+    """How a sweep job ended: (status, message), from its summary.json."""
+    summary = job / rundir.SUMMARY
+    if summary.is_file():
+        s = runs.read_summary(summary)
+        return (
+            (s["status"], s.get("message") or "") if s else ("unreadable", "its summary.json is not dlrun's")
+        )
+    if (job / "lr_find.json").is_file():  # an lr-find job writes no summary.json when it succeeds
+        return "completed", ""
+    return "unknown", "no summary.json: the job was killed before it could write one"
+
+
+def report_unfinished(root: Path) -> list[str]:
+    """The sweep's last lines: every job that did not complete, with its status and why.
+    Returns those jobs' directories (relative to `root`)."""
+    jobs = job_dirs(root) if root.is_dir() else []
+    ends = {job: job_end(job) for job in jobs}
+    unfinished = [job for job in jobs if ends[job][0] != "completed"]
+    if not unfinished:
+        return []
+    records = [{"overrides": runs.overrides_of(job)} for job in jobs]
+    swept = runs.swept_keys(records) if len(records) > 1 else []
+    lines = [f"{len(unfinished)} of {len(jobs)} jobs did not complete:"]
+    for job in unfinished:
+        values = " ".join(f"{k}={v}" for k, v in runs.overrides_of(job).items() if k in swept)
+        status, message = ends[job]
+        name = str(job.relative_to(root)) + (f" ({values})" if values else "")
+        lines.append(f"  job {name} {status}" + (f": {message}" if message else ""))
+    report.console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+    return [str(job.relative_to(root)) for job in unfinished]
+
+
 class LrFindSweepSummary(Callback):
     """`dlrun lr-find -m ...`: every job's curve in one plot and a table of suggestions."""
 
