@@ -68,26 +68,32 @@ class LrFindSweepSummary(Callback):
     """`dlrun lr-find -m ...`: every job's curve in one plot and a table of suggestions."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        from dlrun.lr_find import plot
+        from dlrun.lr_find import SUGGESTIONS, plot
 
         root = Path(config.hydra.sweep.dir)
         curves, rows = [], []
         for path in sorted(root.glob("*/lr_find.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
             job = path.parent
-            result = rundir.read_json(path)
-            with open(job / "lr_find.csv", newline="") as f:
-                points = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-            result["lrs"] = [p["lr"] for p in points]
-            result["smoothed"] = [p["smoothed_loss"] for p in points]
             label = " ".join(f"{k}={v}" for k, v in runs.overrides_of(job).items()) or job.name
+            try:
+                result = rundir.read_json(path)
+                with open(job / "lr_find.csv", newline="") as f:
+                    points = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+                result["lrs"] = [p["lr"] for p in points]
+                result["smoothed"] = [p["smoothed_loss"] for p in points]
+                rows.append(
+                    [label, *(float(result["suggestions"][n]) for n in SUGGESTIONS), float(result["lr"])]
+                )
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                report.err_console.print(
+                    f"{job}: lr_find.json / lr_find.csv unreadable ({e}); left out", markup=False
+                )
+                continue
             curves.append((label, result))
-            rows.append(
-                [label, *(result["suggestions"][n] for n in ("minimum", "steep", "valley")), result["lr"]]
-            )
         if not curves:
             return
         plot(curves, root / "lr_find.png")
-        columns = ["job", "minimum", "steep", "valley", "used"]
+        columns = ["job", *SUGGESTIONS, "used"]
         rundir.write_atomic(
             root / "lr_find_summary.csv",
             lambda f: (csv.writer(f).writerow(columns), csv.writer(f).writerows(rows)),

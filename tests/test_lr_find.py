@@ -129,7 +129,7 @@ def test_a_sweep_overlays_every_curve(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "lr_find.png").is_file()
     rows = (tmp_path / "lr_find_summary.csv").read_text().splitlines()
-    assert rows[0] == "job,minimum,steep,valley,used" and len(rows) == 3
+    assert rows[0] == "job,minimum,steep,valley,slide,used" and len(rows) == 3
     assert "regularization.dropout=0.5" in proc.stdout
 
 
@@ -144,3 +144,25 @@ def test_the_suggestion_trains_at_least_as_well_as_the_default_lr(tmp_path):
         found.append(summary(tmp_path / f"found{seed}")["best"]["accuracy"])
         default.append(summary(tmp_path / f"default{seed}")["best"]["accuracy"])
     assert np.mean(found) >= np.mean(default) - 0.005, (found, default)
+
+
+def test_an_lr_find_sweep_summary_leaves_out_an_unreadable_job(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dlrun.sweep import LrFindSweepSummary
+
+    good, bad = tmp_path / "0", tmp_path / "1"
+    for job in (good, bad):
+        job.mkdir()
+    lrs = np.logspace(-5, 0, 20)
+    (good / "lr_find.csv").write_text(
+        "lr,loss,smoothed_loss\n" + "".join(f"{lr},{2 - i / 20},{2 - i / 20}\n" for i, lr in enumerate(lrs))
+    )
+    names = ("minimum", "steep", "valley", "slide")
+    result = {"suggestions": dict.fromkeys(names, 1e-3), "lr": 1e-3}
+    (good / "lr_find.json").write_text(json.dumps(result))
+    (bad / "lr_find.json").write_text('{"suggestions": ')
+    LrFindSweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    rows = (tmp_path / "lr_find_summary.csv").read_text().splitlines()
+    assert rows[0] == "job,minimum,steep,valley,slide,used" and len(rows) == 2
+    assert (tmp_path / "lr_find.png").is_file()
