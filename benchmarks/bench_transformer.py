@@ -17,7 +17,8 @@ model the same CPU time instead), validation loss and perplexity.
 The RNNs carry their hidden state from window to window (in training and validation);
 the Transformer sees one window at a time. With --sliding, the Transformer is also read
 with a sliding context as generation reads it: every validation token after at least
-context/2 tokens of history (positions past bptt were never trained with fixed windows).
+context/2 tokens of history (try --set model.context=140: positions past bptt are never
+trained with fixed windows, and reading them ruins the sliding perplexity).
 
 Self-contained on purpose: only the model modules and dlrun.data.text's corpus helpers,
 not dlrun's loop, so it measures the models and not the loop.
