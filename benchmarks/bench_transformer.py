@@ -16,8 +16,9 @@ model the same CPU time instead), validation loss and perplexity.
 
 The RNNs carry their hidden state from window to window (in training and validation);
 the Transformer sees one window at a time. With --sliding, the Transformer is also read
-with a sliding context: every validation token after `model.context - bptt` tokens of
-history (what generation gives it), as well as its own window.
+with a sliding context as generation reads it: every validation token after at least
+context/2 tokens of history (try --set model.context=140: positions past bptt are never
+trained with fixed windows, and reading them ruins the sliding perplexity).
 
 Self-contained on purpose: only the model modules and dlrun.data.text's corpus helpers,
 not dlrun's loop, so it measures the models and not the loop.
@@ -147,14 +148,16 @@ def valid_loss(model: nn.Module, batches: StreamBatches) -> float:
 
 @torch.no_grad()
 def sliding_loss(model: transformer.TransformerLanguageModel, batches: StreamBatches) -> float:
-    """Mean loss per token, each bptt-window of tokens read after the `context - bptt` before it."""
+    """Mean loss per token read as generation reads it after `context` tokens: windows of
+    `context` tokens, each scoring its second half (every token after context/2 or more)."""
     model.eval()
-    history = max(0, model.context - batches.bptt)
+    stride = max(1, model.context // 2)
+    history = model.context - stride
     total = n = 0
-    for pos in range(0, batches.row_len, batches.bptt):
+    for pos in range(0, batches.row_len, stride):
         lo = max(0, pos - history)
-        logits = model(batches.x[:, lo : pos + batches.bptt])[:, pos - lo :]
-        y = batches.y[:, pos : pos + batches.bptt]
+        logits = model(batches.x[:, lo : pos + stride])[:, pos - lo :]
+        y = batches.y[:, pos : pos + stride]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item() * y.numel()
         n += y.numel()
     return total / n

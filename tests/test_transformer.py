@@ -33,7 +33,7 @@ def tiny(**model: object) -> transformer.TransformerLanguageModel:
 @pytest.mark.parametrize("bias", [False, True])
 def test_logits_have_one_row_per_position(bias: bool) -> None:
     model = tiny(bias=bias)
-    assert model.context == 2 * FACTS.bptt  # context=null: room for longer variable windows
+    assert model.context == FACTS.bptt  # context=null: the positions the training windows train
     logits = model(torch.randint(0, 50, (3, 16)))
     assert logits.shape == (3, 16, 50) and torch.isfinite(logits).all()
 
@@ -167,7 +167,7 @@ def test_sample_generates_from_a_transformer() -> None:
     torch.manual_seed(0)
     facts = TextFacts(n_out=len(vocab), tokens="char", bptt=4)
     model = transformer.build(config(), facts).eval()
-    text = sample(model, vocab, "abc ", 40, 1.0, seed=3)  # runs past the 8-token context
+    text = sample(model, vocab, "abc ", 40, 1.0, seed=3)  # runs past the 4-token context
     assert len(text) == 40 and text == sample(model, vocab, "abc ", 40, 1.0, seed=3)
     assert sample(model, vocab, "abc ", 5, 0.0, seed=0) == sample(model, vocab, "abc ", 5, 0.0, seed=9)
 
@@ -182,7 +182,7 @@ def test_model_transformer_composes_and_builds() -> None:
     assert cfg.data.name == "pydoc" and cfg.trainer.grad_clip is not None
     assert cfg.regularization.wd == 0.1 and cfg.model.family == "text"
     model = transformer.build(cfg, TextFacts(n_out=104, tokens="char", bptt=cfg.data.bptt))
-    assert model.context == 2 * cfg.data.bptt and len(model.blocks) == cfg.model.n_layers
+    assert model.context == cfg.data.bptt and len(model.blocks) == cfg.model.n_layers
 
 
 def test_a_list_of_dropouts_is_refused() -> None:
