@@ -30,27 +30,25 @@ import argparse
 import math
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dlrun.data.text import StreamBatches, Vocab, read_corpus, tokenize  # noqa: E402
+from common import compose  # noqa: E402
+
+from dlrun.data.text import StreamBatches, TextFacts, Vocab, read_corpus, tokenize  # noqa: E402
 from dlrun.models import transformer  # noqa: E402
 from dlrun.models.rnn import RNNLanguageModel, dropouts  # noqa: E402
-
-CONFIGS = REPO / "configs"
 
 
 def corpus(bs: int, bptt: int) -> tuple[StreamBatches, StreamBatches, int]:
     """The bundled corpus as data=pydoc reads it: characters, the last valid_pct for validation."""
-    d = OmegaConf.load(CONFIGS / "data" / "pydoc.yaml")
+    d = compose("data=pydoc").data
     text, _ = read_corpus(d)
     toks = tokenize(text, d.tokens)
     cut = len(toks) - max(1, int(len(toks) * d.valid_pct))
@@ -65,15 +63,9 @@ def corpus(bs: int, bptt: int) -> tuple[StreamBatches, StreamBatches, int]:
 
 def config(model: str, regularization: str, **overrides: object):
     """cfg.model and cfg.regularization from the config files, with overrides (`model.n_embd`: ...)."""
-    cfg = OmegaConf.create(
-        {
-            "model": OmegaConf.load(CONFIGS / "model" / f"{model}.yaml"),
-            "regularization": OmegaConf.load(CONFIGS / "regularization" / f"{regularization}.yaml"),
-        }
+    return compose(
+        f"model={model}", f"regularization={regularization}", *(f"{k}={v}" for k, v in overrides.items())
     )
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
 
 
 def rnn_model(cfg, vocab_size: int) -> nn.Module:
@@ -186,8 +178,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_b, valid_b, vocab_size = corpus(args.bs, args.bptt)
-    facts = types.SimpleNamespace(vocab_size=vocab_size, bptt=args.bptt)
-    overrides = {k: OmegaConf.create(f"v: {v}").v for k, v in (s.split("=", 1) for s in args.set)}
+    facts = TextFacts(n_out=vocab_size, tokens="char", bptt=args.bptt)
+    overrides = dict(s.split("=", 1) for s in args.set)
     configs = {
         "transformer": config("transformer", "transformer", **overrides),
         "lstm": config("rnn", "rnn"),
