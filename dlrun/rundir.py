@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,9 @@ def load_torch(path: Path, device: Any = "cpu") -> dict:
     import torch
 
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip, pickle, EOF and tensor errors mean the same here
         if storage_problem(e):
             raise DlrunError(f"cannot read {path}: {storage_problem(e)}") from None
