@@ -11,6 +11,7 @@ torch is not allowed on that path (`validate(cfg, deep=False)` skips the family 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from dlrun.config_tree import configs_dir, group_options, option_values
@@ -108,6 +109,19 @@ def validate(cfg: Any, deep: bool = True) -> None:
             check_values(cfg, DATA.rules(cfg.data.kind))
         if "model" in cfg:
             check_values(cfg, MODELS.rules(cfg.model.name))
+
+
+def load_saved(run_dir: Path) -> Any:
+    """A run's saved config, checked like one from the command line: a run directory is data,
+    and a bad value (or an unknown package, model or data kind) in it is a user error."""
+    from dlrun import rundir
+
+    cfg = rundir.load_config(run_dir)
+    try:
+        validate(cfg)
+    except DlrunError as e:
+        raise DlrunError(f"{Path(run_dir) / rundir.CONFIG}: {e}") from None
+    return cfg
 
 
 def rules_for(cfg: Any, deep: bool = True) -> dict[str, Rule]:

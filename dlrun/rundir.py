@@ -198,11 +198,8 @@ def load_weights(model: Any, run_dir: Path, name: str = BEST, device: Any = "cpu
 
 
 def load_config(run_dir: Path) -> Any:
-    """The composed config a run was started with, checked like a config from the command line:
-    a run directory is data, and a bad value in it is a user error, not a crash."""
+    """The composed config a run was started with, as saved (`config.load_saved` also checks it)."""
     from omegaconf import DictConfig, OmegaConf
-
-    from dlrun.config import validate
 
     path = Path(run_dir) / CONFIG
     try:
@@ -211,8 +208,4 @@ def load_config(run_dir: Path) -> Any:
         raise DlrunError(f"{path} cannot be read ({first_line(e)}): the run directory is damaged") from None
     if not isinstance(cfg, DictConfig):
         raise DlrunError(f"{path} is not a dlrun config: the run directory is damaged")
-    try:
-        validate(cfg)
-    except DlrunError as e:
-        raise DlrunError(f"{path}: {e}") from None
     return cfg
