@@ -71,13 +71,19 @@ def load_checkpoint(path: Path, learner: Learner) -> RunState:
             f"cannot resume: {path} does not exist (the run never finished an epoch "
             "or was started with trainer.checkpoint=false)"
         )
-    ckpt = torch.load(path, map_location=learner.device, weights_only=True)
-    learner.model.load_state_dict(ckpt["model"])
-    learner.optimizer.load_state_dict(ckpt["optimizer"])
-    if learner.scaler is not None and ckpt["scaler"]:
-        learner.scaler.load_state_dict(ckpt["scaler"])
-    learner.load_carried_state(ckpt.get("carried"))
-    torch.set_rng_state(ckpt["rng_cpu"].cpu())
-    if ckpt["rng_cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
-    return RunState(**ckpt["state"])
+    ckpt = rundir.load_torch(path, learner.device)  # a damaged or foreign file: one user error
+    rundir.load_state_dict(learner.model, ckpt["model"], path)
+    try:
+        rundir.load_state_dict(learner.optimizer, ckpt["optimizer"], path, "the run's optimizer")
+        if learner.scaler is not None and ckpt["scaler"]:
+            learner.scaler.load_state_dict(ckpt["scaler"])
+        learner.load_carried_state(ckpt.get("carried"))
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
+        if ckpt["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
+        return RunState(**ckpt["state"])
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise DlrunError(
+            f"{path} is not a complete dlrun checkpoint ({type(e).__name__}: {rundir.first_line(e)}): "
+            "it was damaged or changed; train the run again"
+        ) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import shlex
+import re
 import sys
 import time
 import traceback
@@ -98,8 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in VERBOSE for a in argv):
         argv = [a for a in argv if a not in VERBOSE]
         os.environ["HYDRA_FULL_ERROR"] = "1"
-    with user_errors():
-        sys.exit(dispatch(argv))
+    try:
+        with user_errors():
+            code = dispatch(argv)
+            sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
+    except BrokenPipeError:
+        # `dlrun train --help | head`: as the Python docs recommend for SIGPIPE, send the rest
+        # of the output nowhere and exit with an error code, without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(code)
 
 
 def dispatch(argv: list[str]) -> int:
@@ -115,10 +123,10 @@ def dispatch(argv: list[str]) -> int:
         return 0
     if argv[0].startswith("-"):
         # `dlrun --shell-completion install=bash` and other bare Hydra flags mean `train`.
-        return run_hydra("train", argv)
+        return run_hydra("train", hydra_args(argv))
     command, rest = argv[0], argv[1:]
     if command in HYDRA_COMMANDS:
-        return run_hydra(command, rest)
+        return run_hydra(command, hydra_args(rest))
     if command in PLAIN_COMMANDS:
         module = importlib.import_module(PLAIN_COMMANDS[command][0])
         module.main(rest)
@@ -373,22 +381,177 @@ def describe_job(num: int, overrides: list[str], swept: list[str] | None) -> str
 
 def expand_resume(args: list[str]) -> list[str]:
     """`resume=RUN_DIR`: re-compose the run's own overrides (then any new ones) and
-    write into RUN_DIR itself, so the resumed run has the config it started with."""
+    write into RUN_DIR itself, so the resumed run has the config it started with. The run
+    directory is data: only its non-hydra overrides are replayed, they are checked like any
+    other, and new overrides may not change the model or the optimizer the checkpoint holds."""
     resume = [a for a in args if a.startswith("resume=")]
     if not resume:
         return args
-    from omegaconf import OmegaConf
+    value = override_value(resume[-1])
+    if value is None:  # resume=null
+        return args
+    if any(a in ("-m", "--multirun") for a in args):
+        raise DlrunError("resume= continues one run and cannot be swept: drop -m")
+    from dlrun import rundir
+
+    run_dir = rundir.existing_run(str(value), need=rundir.CHECKPOINT).resolve()
+    original = saved_overrides(run_dir)
+    check_unchanged(run_dir, original, args)
+    return original + args + [f"hydra.run.dir={hydra_quote(str(run_dir))}"]
+
+
+def saved_overrides(run_dir: Path) -> list[str]:
+    """The overrides a run was started with (`.hydra/overrides.yaml`), without `resume=` and
+    without any `hydra...` override: Hydra never saves those there, so one found there was put
+    there by hand, and it could make Hydra call any function (`hydra.callbacks.x._target_`)."""
+    from omegaconf import ListConfig, OmegaConf
 
     from dlrun import rundir
 
-    run_dir = rundir.existing_run(resume[-1].split("=", 1)[1], need=rundir.CHECKPOINT).resolve()
-    original = [o for o in OmegaConf.load(run_dir / rundir.OVERRIDES) if not o.startswith("resume=")]
-    return original + args + [f"hydra.run.dir={quote(str(run_dir))}"]
+    path = run_dir / rundir.OVERRIDES
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - missing file, YAML errors alike
+        raise DlrunError(f"cannot read {path} ({first_line(e)}): the run directory is damaged") from None
+    if not isinstance(saved, ListConfig) or not all(isinstance(o, str) for o in saved):
+        raise DlrunError(f"{path} is not a list of overrides: the run directory is damaged")
+    kept, dropped = [], []
+    for line in saved:
+        key = override_key(line)
+        if key == "resume":
+            continue
+        (dropped if key == "hydra" or key.startswith(("hydra.", "hydra/")) else kept).append(line)
+    if dropped:
+        warn(f"ignoring {', '.join(dropped)} in {path}: a run directory cannot change how Hydra runs")
+    return kept
 
 
-def quote(value: str) -> str:
-    """A path as a Hydra override value."""
-    return value if all(c.isalnum() or c in "/._-" for c in value) else shlex.quote(value)
+def check_unchanged(run_dir: Path, original: list[str], args: list[str]) -> None:
+    """Refuse new overrides that change the model or the optimizer of a resumed run: the
+    checkpoint holds their weights and state, which would not fit (or silently not apply)."""
+    from hydra._internal.utils import get_args_parser
+
+    new = [
+        a
+        for a in get_args_parser().parse_known_args(args)[0].overrides
+        if override_key(a) not in ("resume", "hydra") and not override_key(a).startswith(("hydra.", "hydra/"))
+    ]
+    if not new:
+        return
+    try:
+        before, after = (resume_state(original + extra) for extra in ([], new))
+    except Exception:  # noqa: BLE001 - a bad override: preflight says what is wrong with it
+        return
+    keys = sorted(before.keys() | after.keys(), key=lambda k: (not k.endswith(".name"), k))
+    changed = [f"{k} ({before.get(k)} -> {after.get(k)})" for k in keys if before.get(k) != after.get(k)]
+    if changed:
+        raise DlrunError(
+            f"resume={run_dir} continues the run with the model and optimizer in its checkpoint, but "
+            f"the new overrides change {', '.join(changed[:4])}: start a new run to train another one"
+        )
+
+
+def resume_state(overrides: list[str]) -> dict[str, Any]:
+    """The keys whose values a checkpoint depends on: the model, the optimizer and the weight-decay
+    mode (it decides the optimizer's parameter groups)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dlrun.config_tree import configs_dir
+
+    with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="dlrun"):
+        cfg = compose("train", overrides=overrides)
+    state = {"regularization.wd_mode": cfg.regularization.get("wd_mode")}
+    for group in ("model", "optimizer"):
+        tree = OmegaConf.to_container(cfg[group], resolve=False)
+        state |= {f"{group}.{k}": v for k, v in tree.items()}
+    return state
+
+
+def override_key(line: str) -> str:
+    """The key (or group) of an override, without `+`, `++` or `~`."""
+    return line.lstrip("~+").split("=", 1)[0].split("@", 1)[0]
+
+
+def override_value(line: str) -> Any:
+    """The value of one override as Hydra reads it (a quoted path comes back unquoted)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides([line])[0].value()
+    except Exception as e:  # noqa: BLE001
+        raise DlrunError(f"cannot read the override {line}: {first_line(e)}") from None
+
+
+def warn(message: str) -> None:
+    """One line on stderr; the run goes on."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# --- any path a shell can pass --------------------------------------------------------
+
+# Keys whose value is a file or folder: `resume`, `data.path`, `data.root`, `model.weights_path`,
+# `hydra.run.dir`, `hydra.sweep.dir`... Their values are taken as the shell passed them.
+PATH_LEAVES = ("path", "root", "dir", "weights_path")
+# Hydra flags whose next word is their value, not an override.
+VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--package", "-p"}
+# Hydra runs one of these per command (its own check ends in a traceback).
+MODES = {"-m": "-m", "--multirun": "-m", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info", "-i": "--info"}
+# Values Hydra reads as they are; anything else in a path value is quoted for it.
+PLAIN = re.compile(r"[A-Za-z0-9_/.+@%:-]+")
+SWEEP_FUNCTION = re.compile(r"(choice|range|interval|glob|tag|sort|shuffle)\(")
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """The words after the command, made safe for Hydra: one mode flag at most, and path
+    values (spaces, accents, commas, apostrophes, `~`) quoted in Hydra's override grammar."""
+    modes = sorted({MODES[a.split("=")[0]] for a in args if a.split("=")[0] in MODES})
+    if len(modes) > 1:
+        if modes == ["--cfg", "-m"]:
+            raise DlrunError("--cfg shows one job's config and cannot be combined with -m: drop -m")
+        raise DlrunError(f"{' and '.join(modes)} cannot be combined: use one of them per command")
+    multirun = "-m" in modes
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        m = re.fullmatch(r"(~|\+\+|\+)?([\w.\-]+)=(.*)", arg, re.S)
+        after_flag = i > 0 and args[i - 1] in VALUE_FLAGS
+        if m and not after_flag and (m[2] == "resume" or m[2].rsplit(".", 1)[-1] in PATH_LEAVES):
+            arg = f"{m[1] or ''}{m[2]}={path_value(m[3], multirun)}"
+        out.append(arg)
+    return out
+
+
+def path_value(value: str, multirun: bool) -> str:
+    """A path as a Hydra override value. Already quoted for Hydra, `null` or empty: as it is. In
+    a sweep (-m), commas separate values as for any key; quote a path with a comma Hydra's way."""
+    if value in ("", "null") or (len(value) > 1 and value[0] in "'\"" and value[-1] == value[0]):
+        return value
+    if multirun and SWEEP_FUNCTION.match(value):
+        return value
+    parts = split_sweep(value) if multirun else [value]
+    return ",".join(hydra_quote(os.path.expanduser(p)) for p in parts)
+
+
+def split_sweep(value: str) -> list[str]:
+    """`a.csv,b.csv` -> the two paths; a comma inside `${...}` does not separate."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(value):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(value[start:i])
+            start = i + 1
+    return parts + [value[start:]]
+
+
+def hydra_quote(value: str) -> str:
+    """A string as a Hydra override value that reads back as exactly that string. Inside
+    single quotes only a quote, and backslashes before a quote or at the end, are escaped;
+    `${...}` still interpolates, as Hydra's own `hydra.run.dir` default does."""
+    if PLAIN.fullmatch(value) and isinstance(override_value(f"k={value}"), str):
+        return value
+    escaped = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m[1] * 2, escaped)
+    return f"'{escaped}'"
 
 
 # --- checking overrides before Hydra runs anything ---------------------------------
@@ -412,8 +575,11 @@ def preflight(config_name: str, args: list[str], deep: bool = True) -> None:
             f"{sweeps[0].input_line} is a sweep: add -m to run one job per value "
             f"(dlrun {config_name.replace('_', '-')} -m ...)"
         )
+    warnings: dict[str, None] = {}  # each once, however many jobs share the override
     for job in job_variants(overrides):
-        check_job(config_name, job, deep)
+        warnings |= dict.fromkeys(check_job(config_name, job, deep))
+    for message in warnings:
+        warn(message)
 
 
 def job_variants(overrides: list[Any]) -> list[list[Any]]:
@@ -439,19 +605,27 @@ def job_variants(overrides: list[Any]) -> list[list[Any]]:
     return jobs
 
 
-def check_job(config_name: str, job: list[str], deep: bool = True) -> None:
-    """Check one job's overrides: group options exist, keys exist, values are allowed."""
+def check_job(config_name: str, job: list[str], deep: bool = True) -> list[str]:
+    """Check one job's overrides: group options exist, keys exist, values are allowed, nothing
+    dlrun needs is deleted. Returns warnings: keys added with `+` that nothing reads."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from dlrun.config import GROUPS, validate
+    from dlrun.config import GROUPS, OPTIONAL_GROUPS, rules_for, validate
     from dlrun.config_tree import configs_dir, group_options
     from dlrun.errors import closest
 
+    command = config_name.replace("_", "-")
     parsed = OverridesParser.create().parse_overrides(job)
     is_group = [o.key_or_group in GROUPS or "/" in o.key_or_group for o in parsed]
     for o, group in zip(parsed, is_group):
         value = o.value()
+        if o.is_delete() and o.key_or_group in GROUPS and o.key_or_group not in OPTIONAL_GROUPS:
+            options = group_options(o.key_or_group)
+            raise DlrunError(
+                f"~{o.key_or_group} would remove the {o.key_or_group} group, which dlrun needs: "
+                f"pick one instead ({o.key_or_group}={', '.join(options)})"
+            )
         if group and isinstance(value, str) and o.key_or_group in GROUPS:
             options = group_options(o.key_or_group)
             if value not in options:
@@ -468,22 +642,47 @@ def check_job(config_name: str, job: list[str], deep: bool = True) -> None:
         except Exception as e:  # noqa: BLE001 - Hydra's message says what is wrong
             raise DlrunError(first_line(e)) from e
         keys = flat_keys(base)
+        rules = rules_for(base, deep)
+        # Mappings whose keys the user names (model.emb_szs.<column>): entries come and go.
+        open_maps = {k for k, rule in rules.items() if rule.keyed}
+
+        def in_open_map(key: str) -> bool:
+            return any(key.startswith(m + ".") for m in open_maps)
+
+        warnings = []
         for o, group in zip(parsed, is_group):
-            if group or o.is_add() or o.is_force_add() or o.is_delete():
-                continue
             key = o.key_or_group
-            if key not in keys and not any(k.startswith(key + ".") for k in keys):
+            if group:
+                continue
+            if o.is_delete():
+                if key in keys and not in_open_map(key):
+                    raise DlrunError(
+                        f"~{key} would delete {key}, which dlrun needs: set it instead "
+                        f"({key}=VALUE; `dlrun {command} --cfg job` shows its value)"
+                    )
+            elif o.is_add() or o.is_force_add():
+                # `+` adds keys on purpose (a key some code reads with a default), so an unknown
+                # one is a warning, not an error; but a misspelling is named with its fix.
+                if deep and key not in keys and key not in rules and not in_open_map(key):
+                    hint = closest(key, keys | set(rules))
+                    warnings.append(
+                        f"+{key} adds a key that dlrun does not read"
+                        + (f" (did you mean {hint}?)" if hint else "")
+                        + "; the run goes on without it"
+                    )
+            elif key not in keys and not any(k.startswith(key + ".") for k in keys):
                 hint = closest(key, keys)
                 raise DlrunError(
                     f"{key} is not a config key"
                     + (f" (did you mean {hint}?)" if hint else "")
-                    + f"; `dlrun {config_name.replace('_', '-')} --cfg job` lists every key"
+                    + f"; `dlrun {command} --cfg job` lists every key"
                 )
         try:
             cfg = compose(config_name, overrides=job)
         except Exception as e:  # noqa: BLE001
             raise DlrunError(first_line(e)) from e
     validate(cfg, deep)
+    return warnings
 
 
 def flat_keys(cfg: Any, prefix: str = "") -> set[str]:

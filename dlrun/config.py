@@ -10,6 +10,8 @@ torch is not allowed on that path (`validate(cfg, deep=False)` skips the family 
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from dlrun.config_tree import configs_dir, group_options, option_values
@@ -19,11 +21,13 @@ from dlrun.rules import BOOL, POSITIVE, Choice, Float, Int, Rule
 __all__ = ["configs_dir", "group_options", "validate"]
 
 GROUPS = ("data", "model", "optimizer", "regularization", "schedule", "trainer", "experiment", "lr_find")
+# The groups a run can do without (`~experiment`); deleting any other is refused.
+OPTIONAL_GROUPS = ("experiment",)
 
 
 # The run-wide keys, checked when present in the composed config.
 RULES: dict[str, Rule] = {
-    "seed": Int(0),
+    "seed": Int(0, 2**32 - 1),  # NumPy's seed is 32 bits (torch's 64)
     # data, every kind
     "data.bs": Int(1),
     "data.valid_pct": Float(0, 1, lo_open=True),
@@ -71,6 +75,13 @@ def check_values(cfg: Any, rules: dict[str, Rule]) -> None:
     # `lr=1` as an int: both are numbers, which is all a float key asks.
     for key, rule in rules.items():
         present, value = _select(cfg, key)
+        if present and rule.keyed and isinstance(value, dict):  # name the entry that is wrong
+            one = replace(rule, keyed=False, nullable=False)
+            for name, v in value.items():
+                if not one.accepts(v):
+                    raise DlrunError(
+                        f"{key}.{name}={v!r} is not allowed: {key}.{name} must be {one.describe()}"
+                    )
         if present and not rule.accepts(value):
             raise DlrunError(f"{key}={value!r} is not allowed: {key} must be {rule.describe()}")
 
@@ -98,6 +109,38 @@ def validate(cfg: Any, deep: bool = True) -> None:
             check_values(cfg, DATA.rules(cfg.data.kind))
         if "model" in cfg:
             check_values(cfg, MODELS.rules(cfg.model.name))
+
+
+def load_saved(run_dir: Path) -> Any:
+    """A run's saved config, checked like one from the command line: a run directory is data,
+    and a bad value (or an unknown package, model or data kind) in it is a user error."""
+    from dlrun import rundir
+
+    cfg = rundir.load_config(run_dir)
+    try:
+        validate(cfg)
+    except DlrunError as e:
+        raise DlrunError(f"{Path(run_dir) / rundir.CONFIG}: {e}") from None
+    return cfg
+
+
+def rules_for(cfg: Any, deep: bool = True) -> dict[str, Rule]:
+    """Every key rule that applies to `cfg`: the run-wide ones, its optimizer's and schedule's,
+    and with `deep` (which imports torch) its data kind's and model's. Unknown names add none:
+    `validate` reports them."""
+    from dlrun.family import DATA, MODELS
+    from dlrun.optim import OPTIMIZERS
+    from dlrun.schedule import SCHEDULES
+
+    rules = dict(RULES)
+    named = [(OPTIMIZERS, "optimizer", "name"), (SCHEDULES, "schedule", "name")]
+    if deep:
+        named += [(DATA, "data", "kind"), (MODELS, "model", "name")]
+    for registry, group, key in named:
+        name = cfg.get(group, {}).get(key)
+        if name in registry.names():
+            rules |= registry.rules(name)
+    return rules
 
 
 def check_family(cfg: Any) -> None:

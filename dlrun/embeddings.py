@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dlrun import rundir
+from dlrun.config import load_saved
 from dlrun.errors import DlrunError
 
 USAGE = "usage: dlrun embeddings RUN_DIR   (a run directory of `dlrun train model=tabular ...`)"
@@ -111,7 +112,7 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
     from dlrun.data.tabular import load_table, table_facts
     from dlrun.family import build_model
 
-    cfg = rundir.load_config(run)
+    cfg = load_saved(run)
     if cfg.get("model", {}).get("family") != "tabular":
         family = cfg.get("model", {}).get("family")
         raise DlrunError(f"{run} is a run of the {family} family: dlrun embeddings needs a model=tabular run")

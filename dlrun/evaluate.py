@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dlrun import report, rundir
+from dlrun.config import load_saved
 
 
 def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = None) -> dict[str, float]:
@@ -13,7 +14,7 @@ def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = 
     from dlrun.learner import evaluate, prepare
 
     path = rundir.existing_run(run_dir, need=weights)
-    cfg = rundir.load_config(path)
+    cfg = load_saved(path)
     cfg.optimizer.lr = 1e-3 if cfg.optimizer.lr == "find" else cfg.optimizer.lr
     if device:
         cfg.trainer.device = device

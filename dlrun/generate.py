@@ -7,6 +7,7 @@ vocabulary (`vocab.json`) and best weights (`best.pt`); the corpus is not read a
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from dlrun.errors import DlrunError
@@ -40,8 +41,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise DlrunError(f"-n {args.n} is not allowed: generate at least 1 token")
     if args.n > MAX_TOKENS:
         raise DlrunError(f"-n {args.n} is too many: generate at most {MAX_TOKENS} tokens at a time")
-    if args.temperature < 0:
-        raise DlrunError(f"--temperature {args.temperature} is not allowed: use 0 (greedy) or more")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # argparse reads "nan" and "inf"
+        raise DlrunError(
+            f"--temperature {args.temperature} is not allowed: use 0 (greedy) or a finite positive number"
+        )
     return args
 
 

@@ -43,7 +43,12 @@ def adam(groups: list[dict], lr: float, opt_cfg: Any, fast: dict) -> torch.optim
     return torch.optim.Adam(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps), **fast)
 
 
-ADAM_RULES = {"optimizer.lr": LR, "optimizer.betas": Float(0, 1, each=True), "optimizer.eps": POSITIVE}
+# Adam's two betas (momentum, squared-gradient average) each lie in [0, 1), as torch checks.
+ADAM_RULES = {
+    "optimizer.lr": LR,
+    "optimizer.betas": Float(0, 1, hi_open=True, length=2),
+    "optimizer.eps": POSITIVE,
+}
 OPTIMIZERS = Registry("optimizer", "optimizer.name")
 OPTIMIZERS.register(
     "sgd",

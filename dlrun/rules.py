@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +24,38 @@ class Rule:
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False  # lo itself not allowed
+    hi_open: bool = False  # hi itself not allowed
     choices: tuple[str, ...] = ()
     words: tuple[str, ...] = ()
     nullable: bool = False
     each: bool = False  # a list of such values is accepted too
+    length: int | None = None  # only a list of exactly this many such values (Adam's betas: 2)
+    keyed: bool = False  # a mapping of names to such values (per-column sizes); checked per entry
 
     def describe(self) -> str:
         if self.kind == "choice":
-            return "one of " + ", ".join(self.choices)
-        if self.kind in ("bool", "str"):
+            text = "one of " + ", ".join(self.choices)
+        elif self.kind in ("bool", "str"):
             text = {"bool": "true or false", "str": "a string"}[self.kind]
         else:
             noun = "an integer" if self.kind == "int" else "a number"
+            lo = f"{'>' if self.lo_open else '>='} {_num(self.lo)}" if self.lo is not None else ""
+            hi = f"{'<' if self.hi_open else '<='} {_num(self.hi)}" if self.hi is not None else ""
             if self.lo is not None and self.hi is not None:
-                text = f"{noun} {'>' if self.lo_open else '>='} {self.lo:g} and <= {self.hi:g}"
+                text = f"{noun} {lo} and {hi}"
             elif self.lo is not None:
-                text = f"{noun} {'>' if self.lo_open else '>='} {self.lo:g}"
+                text = f"{noun} {lo}"
+            elif self.hi is not None:
+                text = f"{noun} {hi}"
             else:
                 text = noun
         if self.words:
             text += " or " + " or ".join(repr(w) for w in self.words)
-        if self.each:
+        if self.keyed:
+            text = f"a mapping of names to values, each {text}"
+        elif self.length is not None:
+            text = f"a list of exactly {self.length} values, each {text}"
+        elif self.each:
             text += " (or a list of them)"
         if self.nullable:
             text += " or null"
@@ -53,6 +64,16 @@ class Rule:
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.nullable
+        if self.keyed:
+            one = replace(self, keyed=False, nullable=False)
+            return isinstance(value, dict) and all(one.accepts(v) for v in value.values())
+        if self.length is not None:
+            one = replace(self, length=None, each=False, nullable=False)
+            return (
+                isinstance(value, (list, tuple))
+                and len(value) == self.length
+                and all(map(one.accepts, value))
+            )
         if self.each and isinstance(value, (list, tuple)):
             return len(value) > 0 and all(self.accepts(v) for v in value)
         if isinstance(value, str) and value in self.words:
@@ -71,7 +92,12 @@ class Rule:
             return False
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
             return False
-        return self.hi is None or value <= self.hi
+        return self.hi is None or value < self.hi or (value == self.hi and not self.hi_open)
+
+
+def _num(x: float) -> str:
+    """A bound as a reader writes it: 4294967295, not 4.29497e+09; 1e-07 stays short."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def Int(lo: float | None = None, hi: float | None = None, **kw: Any) -> Rule:

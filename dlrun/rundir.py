@@ -6,9 +6,11 @@ Light on purpose (no torch at import): `dlrun runs` and the CLI use it too.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,17 +28,59 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write through `write(file)` into a temporary file beside `path`, then rename it
-    over `path`: a crash or Ctrl-C mid-write never leaves a half-written file."""
+    over `path`: a crash or Ctrl-C mid-write never leaves a half-written file. A full disk
+    or a read-only folder is a user error that names the file and the last good checkpoint
+    (the file that was there before is untouched)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; runs are not
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        problem = storage_problem(e)
+        if problem:
+            full = problem in (NO_SPACE, NO_QUOTA)
+            fix = (
+                "free some space, then resume the run"
+                if full
+                else "write runs to a writable folder (hydra.run.dir=DIR)"
+            )
+            raise DlrunError(f"{problem} while writing {path}; {last_checkpoint(path.parent)}: {fix}") from e
         raise
+
+
+# errno -> what the user is told; each means the disk, not dlrun, refused the write.
+NO_SPACE, NO_QUOTA = "no space left on device", "disk quota exceeded"
+STORAGE_ERRORS = {
+    errno.ENOSPC: NO_SPACE,
+    errno.EDQUOT: NO_QUOTA,
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied (the output folder is not writable)",
+    errno.EPERM: "permission denied (the output folder is not writable)",
+}
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """What a full or read-only disk looks like to the user, if that is what `error` is.
+    torch.save wraps the OSError of a failed write in a RuntimeError, so the chain is searched."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRORS:
+            return STORAGE_ERRORS[error.errno]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def last_checkpoint(run_dir: Path) -> str:
+    """The end of a write error: where the run can continue from."""
+    ckpt = Path(run_dir) / CHECKPOINT
+    return f"the last good checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was saved yet"
 
 
 def _umask() -> int:
@@ -131,19 +175,62 @@ def missing(run_dir: str | Path, name: str) -> DlrunError:
     return DlrunError(f"{run_dir} has no {name}: the run did not get far enough to write it")
 
 
+def load_torch(path: Path, device: Any = "cpu") -> dict:
+    """A checkpoint dlrun wrote (a dict holding "model"), read with weights_only=True so that
+    only tensors and plain data are unpickled. Anything else (an empty, truncated or foreign
+    file, or a pickle that would run code) is one user error, never advice to unpickle it."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle, EOF and tensor errors mean the same here
+        if storage_problem(e):
+            raise DlrunError(f"cannot read {path}: {storage_problem(e)}") from None
+        raise DlrunError(
+            f"{path} is not a dlrun checkpoint, or it is damaged or was tampered with "
+            f"({type(e).__name__}); it was not loaded: train the run again"
+        ) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise DlrunError(f"{path} is not a dlrun checkpoint (no model weights in it): train the run again")
+    return obj
+
+
+def load_state_dict(module: Any, state: Any, path: Path, what: str = "the run's model") -> None:
+    """`module.load_state_dict(state)`, with a mismatch as a user error naming the file."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        detail = first_line(e).removeprefix("Error(s) in loading state_dict for ")
+        raise DlrunError(
+            f"{path} does not fit {what} ({detail[:160]}): the file belongs to another run or was changed"
+        ) from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_weights(model: Any, run_dir: Path, name: str = BEST, device: Any = "cpu") -> None:
     """Load a run's saved weights (best.pt or checkpoint.pt) into `model`; only tensors and
     plain data are unpickled (weights_only=True)."""
-    import torch
-
     path = Path(run_dir) / name
     if not path.is_file():
         raise missing(run_dir, name)
-    model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+    load_state_dict(model, load_torch(path, device)["model"], path)
 
 
 def load_config(run_dir: Path) -> Any:
-    """The composed config a run was started with."""
-    from omegaconf import OmegaConf
+    """The composed config a run was started with, as saved (`config.load_saved` also checks it)."""
+    from omegaconf import DictConfig, OmegaConf
 
-    return OmegaConf.load(Path(run_dir) / CONFIG)
+    path = Path(run_dir) / CONFIG
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - YAML and OmegaConf errors alike
+        raise DlrunError(f"{path} cannot be read ({first_line(e)}): the run directory is damaged") from None
+    if not isinstance(cfg, DictConfig):
+        raise DlrunError(f"{path} is not a dlrun config: the run directory is damaged")
+    return cfg

@@ -94,7 +94,7 @@ SCHEDULES.register(
         "schedule.pct_start": Float(0, 1),
         "schedule.div": POSITIVE,
         "schedule.final_div": POSITIVE,
-        "schedule.moms": Float(0, 1, each=True, nullable=True),
+        "schedule.moms": Float(0, 1, length=2, nullable=True),  # [start/end, lowest], or null
     },
 )
 SCHEDULES.register("cosine", build_cosine, ETA_MIN)

@@ -293,8 +293,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues an interrupted run."""
-    return f"dlrun train resume={run_dir}"
+    """The command that continues an interrupted run, quoted for the shell (spaces, accents...)."""
+    import shlex
+
+    return "dlrun train " + shlex.quote(f"resume={run_dir}")
 
 
 def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

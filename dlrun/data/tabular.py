@@ -48,11 +48,15 @@ DATE_PARTS = (
     "is_year_start", "is_year_end",
 )  # fmt: skip
 
+# Installed packages that ship a table dlrun knows (`data.package`); nothing else is ever
+# imported for a config, since a run directory's config is data, not code.
+BUNDLED_PACKAGES = ("palmerpenguins",)
+
 # The keys of configs/data/csv.yaml. Column lists may be empty, so they are checked against
 # the file when it is read, not here.
 RULES = {
     "data.path": Rule("str", nullable=True),
-    "data.package": Rule("str", nullable=True),
+    "data.package": Choice(*BUNDLED_PACKAGES, nullable=True),
     "data.sep": STR,
     "data.header": BOOL,
     "data.skip_rows": Int(0),
@@ -73,6 +77,11 @@ def table_path(dcfg: Any) -> Path:
     """The CSV file to read: `data.path`, inside the Python package `data.package` when that is set
     (the bundled penguins table ships with the palmerpenguins package)."""
     if dcfg.get("package"):
+        if dcfg.package not in BUNDLED_PACKAGES:
+            raise DlrunError(
+                f"data.package={dcfg.package} is not a package with bundled data: use "
+                f"data.package={' or '.join(BUNDLED_PACKAGES)}, or data.package=null and data.path=FILE"
+            )
         try:
             path = Path(str(importlib.resources.files(str(dcfg.package)) / str(dcfg.path)))
         except ModuleNotFoundError:

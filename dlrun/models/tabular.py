@@ -21,6 +21,7 @@ from dlrun.rules import PROB, Float, Int
 RULES = {
     "model.layers": Int(1, each=True),
     "model.y_range": Float(each=True, nullable=True),
+    "model.emb_szs": Int(1, keyed=True, nullable=True),  # +model.emb_szs.<column>=10
     "regularization.emb_dropout": PROB,
 }
 
