@@ -77,19 +77,20 @@ def verbose() -> bool:
 
 
 @contextmanager
-def user_errors(exit_on_error: bool = True) -> Iterator[None]:
+def user_errors() -> Iterator[None]:
     """The one place a DlrunError becomes a short message and exit code 2 (no traceback
-    unless -v). In a sweep job the error is reported and the sweep goes on."""
+    unless -v)."""
     try:
         yield
     except DlrunError as e:
         if verbose():
             raise
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {e}")
-        if exit_on_error:
-            sys.exit(2)
+        # Messages quote the user's own values and paths: `[x]` in them is text, not markup.
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}")
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,7 +210,7 @@ class Output:
     def __init__(self, path: Path, sweep: bool, claimed: bool, config: Any, swept: list[str], pin: bool):
         self.path, self.sweep, self.claimed, self.config, self.swept = path, sweep, claimed, config, swept
         key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-        self.overrides = [f"{key}={quote(str(path))}"] if pin else []
+        self.overrides = [f"{key}={hydra_quote(str(path))}"] if pin else []
 
     def release(self) -> None:
         """A claimed directory that nothing was written into (Hydra stopped before the job

@@ -105,3 +105,9 @@ def test_shell_completion_install_script_names_dlrun():
 
 def test_console_script_is_installed():
     assert os.access(DLRUN, os.X_OK)
+
+
+def test_an_error_shows_brackets_in_the_users_own_values(tmp_path):
+    missing = tmp_path / "sales[2015].csv"
+    proc = dlrun("train", "model=tabular", "data=csv", f"data.path={missing}", "data.y_name=y")
+    assert_user_error(proc, "sales[2015].csv")
