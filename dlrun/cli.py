@@ -252,10 +252,11 @@ def claim_output(config_name: str, args: list[str]) -> Output:
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the pattern
     path = Path(str(OmegaConf.select(cfg, key)))
     given = [o for o in overrides if o.key_or_group == key]
-    if given:
-        # As given; one with ${now:...} in it is resolved here, once, like the claimed one.
-        return Output(path, sweep, False, cfg, swept, pin="${" in str(given[-1].value()))
     try:
+        if given:
+            # As given; one with ${now:...} in it is resolved here, once, like the claimed one.
+            path.mkdir(parents=True, exist_ok=True)
+            return Output(path, sweep, False, cfg, swept, pin="${" in str(given[-1].value()))
         path = rundir.claim(path)
     except OSError as e:
         raise DlrunError(

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import DLRUN, QUICK, dlrun, metrics_rows, summary
+from conftest import DLRUN, QUICK, assert_user_error, dlrun, metrics_rows, summary
 
 TINY = [*QUICK, "trainer.limit_batches=1"]
 
@@ -221,3 +221,17 @@ def test_runs_shows_unreadable_summaries_and_goes_on(tmp_path):
     assert "0.9000" in lines["good"] and "completed" in lines["good"]
     for name in [*bad, "binary"]:
         assert "unreadable" in lines[name], proc.stdout
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_user_error(
+        dlrun("train", f"hydra.run.dir={blocker / 'run'}", "trainer.epochs=1"),
+        "cannot create the run directory",
+        "hydra.run.dir=DIR",
+    )
+    assert_user_error(
+        dlrun("train", "-m", f"hydra.sweep.dir={blocker / 'sweep'}", "seed=0,1"),
+        "cannot create the sweep directory",
+    )
