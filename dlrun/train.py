@@ -90,10 +90,13 @@ def how_diverged(scores: dict[str, float], monitor: str) -> str:
     return ""
 
 
-def fit(cfg: DictConfig, run_dir: Path, learner: Learner | None = None) -> dict[str, Any]:
+def fit(
+    cfg: DictConfig, run_dir: Path, learner: Learner | None = None, started: float | None = None
+) -> dict[str, Any]:
     """Train `cfg`'s experiment, writing metrics, checkpoints, plots and the summary into
-    `run_dir`; return the summary. Resumes from run_dir's checkpoint when `cfg.resume` is set."""
-    started = time.time()
+    `run_dir`; return the summary. Resumes from run_dir's checkpoint when `cfg.resume` is set.
+    `started`: when the run began (wall_s counts from there; default: now, before any set-up)."""
+    started = started or time.time()
     learner = learner or prepare(cfg)
     data, tr = learner.data, cfg.trainer
     steps = len(data.train) if tr.limit_batches is None else min(len(data.train), tr.limit_batches)
@@ -264,8 +267,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         while True:
             learner = None
             try:
+                attempt = time.time()  # wall_s: set-up included, earlier out-of-memory attempts not
                 learner = prepare(cfg)
-                return fit(cfg, run_dir, learner)
+                return fit(cfg, run_dir, learner, started=attempt)
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_out_of_memory(e):
                     raise

@@ -283,3 +283,18 @@ def test_y_range_that_is_not_low_and_high_says_what_it_needs(tmp_path, run_dir):
 def test_generate_has_an_upper_bound_on_n(tmp_path):
     proc = dlrun("generate", str(tmp_path), "-n", "100000000")
     assert_user_error(proc, "-n 100000000 is too many: generate at most 100000 tokens")
+
+
+def test_wall_time_includes_the_set_up(tmp_path, monkeypatch):
+    import dlrun.train
+
+    real = dlrun.train.prepare
+
+    def slow_prepare(cfg):
+        time.sleep(0.5)  # a data set that takes a while to load
+        return real(cfg)
+
+    monkeypatch.setattr(dlrun.train, "prepare", slow_prepare)
+    cfg = compose("trainer.epochs=1", "trainer.limit_batches=2", "trainer.progress=false")
+    result = dlrun.train.train(cfg, tmp_path)
+    assert result["wall_s"] >= 0.5
