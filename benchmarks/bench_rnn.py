@@ -143,7 +143,7 @@ def main() -> None:
         measure("dlrun loop, AWD-LSTM", lambda: dlrun_rates(cfg))
         measure(
             "plain loop, same AWD-LSTM",
-            lambda: plain_rates(cfg, build_model(cfg, build_data(cfg, torch.device("cpu")))),
+            lambda: plain_rates(cfg, build_model(cfg, build_data(cfg, torch.device("cpu")).facts)),
         )
         measure("dlrun, regularization off", lambda: dlrun_rates(bare))
         measure("plain nn.LSTM LM loop", lambda: plain_rates(bare, None))
