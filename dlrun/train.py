@@ -311,8 +311,12 @@ def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         report.console.print(str(done), style="yellow", markup=False, soft_wrap=True)
         return rundir.read_json(run_dir / rundir.SUMMARY)
     except Interrupted:
+        # The command is shell text: a path with [brackets] in it is not rich markup.
         report.err_console.print(
-            f"[yellow]interrupted; checkpoint saved. Resume with:\n  {resume_command(run_dir)}"
+            f"interrupted; checkpoint saved. Resume with:\n  {resume_command(run_dir)}",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,  # one line however long the path: it is pasted into a shell
         )
         sys.exit(130)
     best = summary["best"]

@@ -390,3 +390,13 @@ def test_cli_says_where_mnist_goes(tmp_path):
     assert run.returncode == 2
     assert str(tmp_path / "data" / "MNIST" / "raw") in run.stderr + run.stdout
     assert "Traceback" not in run.stderr
+
+
+def test_a_weights_file_that_is_not_one_is_a_user_error(tmp_path):
+    from dlrun.models.resnet import load_pretrained
+
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(b"not a zip archive at all")
+    with pytest.raises(DlrunError, match="not a PyTorch weights file") as e:
+        load_pretrained(torchvision.models.resnet18(), garbage)
+    assert "weights_only" not in str(e.value)

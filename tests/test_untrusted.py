@@ -124,13 +124,13 @@ def test_a_sweep_over_paths_with_spaces(tmp_path):
 
 
 def test_an_interrupted_run_prints_a_resume_command_the_shell_can_run(tmp_path):
-    run = tmp_path / "my run (café)"
+    run = tmp_path / "my run (café) [v2]"  # brackets: shell text, not terminal markup
     proc = subprocess.Popen(
         [DLRUN, "train", *QUICK, "trainer.epochs=200", "trainer.limit_batches=2", f"hydra.run.dir={run}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "40"},  # narrower than the command: it must not be wrapped
     )
     deadline = time.time() + 60
     while time.time() < deadline and not (run / rundir.METRICS).is_file():

@@ -9,6 +9,7 @@ read from local files only: dlrun never downloads a model.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,9 +81,14 @@ def weights_file(arch: str, weights_path: str | None) -> Path:
 def load_pretrained(model: nn.Module, path: Path) -> None:
     """Load a torchvision state dict; its classifier (`fc.*`) is dropped, since ours has other classes."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and tensor errors all mean the same to the user
-        raise DlrunError(f"cannot read the weights file {path}: {e}") from None
+        raise DlrunError(
+            f"cannot read the weights file {path} ({type(e).__name__}): it is not a PyTorch weights "
+            "file, or it is damaged or was tampered with; it was not loaded"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a dlrun checkpoint (best.pt) keeps the weights under "model"
     if not isinstance(state, dict):
