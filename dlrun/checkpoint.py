@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from dlrun import rundir
-from dlrun.errors import DlrunError
+from dlrun.errors import DlrunError, first_line
 from dlrun.learner import Learner
 
 
@@ -84,6 +84,6 @@ def load_checkpoint(path: Path, learner: Learner) -> RunState:
         return RunState(**ckpt["state"])
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise DlrunError(
-            f"{path} is not a complete dlrun checkpoint ({type(e).__name__}: {rundir.first_line(e)}): "
+            f"{path} is not a complete dlrun checkpoint ({type(e).__name__}: {first_line(e)}): "
             "it was damaged or changed; train the run again"
         ) from None

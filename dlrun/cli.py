@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dlrun.errors import DlrunError
+from dlrun.errors import DlrunError, first_line
 
 # command -> (primary config, one-line help); these run through Hydra.
 HYDRA_COMMANDS = {
@@ -696,9 +696,3 @@ def flat_keys(cfg: Any, prefix: str = "") -> set[str]:
         if hasattr(v, "items"):
             keys |= flat_keys(v, path + ".")
     return keys
-
-
-def first_line(error: BaseException) -> str:
-    """Hydra's and OmegaConf's messages end with context lines a user does not need."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -86,29 +86,26 @@ def check_values(cfg: Any, rules: dict[str, Rule]) -> None:
             raise DlrunError(f"{key}={value!r} is not allowed: {key} must be {rule.describe()}")
 
 
-def validate(cfg: Any, deep: bool = True) -> None:
-    """Refuse a composed config with a bad value, an unknown optimizer, schedule, data kind or
-    model, or a model that does not fit the data. `deep` also checks the keys each data kind
-    and model declares, which imports their modules (and torch)."""
+def named_parts(deep: bool = True) -> list[tuple[Any, str, str]]:
+    """(registry, group, key) of each part a config names: its optimizer and schedule, and with
+    `deep` (which imports torch when their rules are read) its data kind and model."""
     from dlrun.family import DATA, MODELS
     from dlrun.optim import OPTIMIZERS
     from dlrun.schedule import SCHEDULES
 
-    check_values(cfg, RULES)
-    for registry, group in ((OPTIMIZERS, "optimizer"), (SCHEDULES, "schedule")):
+    parts = [(OPTIMIZERS, "optimizer", "name"), (SCHEDULES, "schedule", "name")]
+    return parts + ([(DATA, "data", "kind"), (MODELS, "model", "name")] if deep else [])
+
+
+def validate(cfg: Any, deep: bool = True) -> None:
+    """Refuse a composed config with an unknown optimizer, schedule, data kind or model, a model
+    that does not fit the data, or a bad value. `deep` also checks the keys each data kind and
+    model declares, which imports their modules (and torch)."""
+    for registry, group, key in named_parts():  # names are checked without importing anything
         if group in cfg:
-            registry.check(cfg[group].name)
-            check_values(cfg, registry.rules(cfg[group].name))
-    if "data" in cfg:
-        DATA.check(cfg.data.kind)
-    if "model" in cfg:
-        MODELS.check(cfg.model.name)
+            registry.check(cfg[group][key])
     check_family(cfg)
-    if deep:
-        if "data" in cfg:
-            check_values(cfg, DATA.rules(cfg.data.kind))
-        if "model" in cfg:
-            check_values(cfg, MODELS.rules(cfg.model.name))
+    check_values(cfg, rules_for(cfg, deep))
 
 
 def load_saved(run_dir: Path) -> Any:
@@ -128,15 +125,8 @@ def rules_for(cfg: Any, deep: bool = True) -> dict[str, Rule]:
     """Every key rule that applies to `cfg`: the run-wide ones, its optimizer's and schedule's,
     and with `deep` (which imports torch) its data kind's and model's. Unknown names add none:
     `validate` reports them."""
-    from dlrun.family import DATA, MODELS
-    from dlrun.optim import OPTIMIZERS
-    from dlrun.schedule import SCHEDULES
-
     rules = dict(RULES)
-    named = [(OPTIMIZERS, "optimizer", "name"), (SCHEDULES, "schedule", "name")]
-    if deep:
-        named += [(DATA, "data", "kind"), (MODELS, "model", "name")]
-    for registry, group, key in named:
+    for registry, group, key in named_parts(deep):
         name = cfg.get(group, {}).get(key)
         if name in registry.names():
             rules |= registry.rules(name)

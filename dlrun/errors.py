@@ -14,3 +14,10 @@ def closest(word: str, options: Iterable[str]) -> str | None:
     """The option most like a misspelt `word`, if any is close (for "did you mean" hints)."""
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return match[0] if match else None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message without the context lines Hydra, OmegaConf and torch add below it
+    (its type name when it has no message)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dlrun.errors import DlrunError
+from dlrun.errors import DlrunError, first_line
 
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
@@ -186,8 +186,8 @@ def load_torch(path: Path, device: Any = "cpu") -> dict:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip, pickle, EOF and tensor errors mean the same here
-        if storage_problem(e):
-            raise DlrunError(f"cannot read {path}: {storage_problem(e)}") from None
+        if problem := storage_problem(e):
+            raise DlrunError(f"cannot read {path}: {problem}") from None
         raise DlrunError(
             f"{path} is not a dlrun checkpoint, or it is damaged or was tampered with "
             f"({type(e).__name__}); it was not loaded: train the run again"
@@ -206,11 +206,6 @@ def load_state_dict(module: Any, state: Any, path: Path, what: str = "the run's 
         raise DlrunError(
             f"{path} does not fit {what} ({detail[:160]}): the file belongs to another run or was changed"
         ) from None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_weights(model: Any, run_dir: Path, name: str = BEST, device: Any = "cpu") -> None:

@@ -72,8 +72,10 @@ class LrFindSweepSummary(Callback):
 
         root = Path(config.hydra.sweep.dir)
         curves, rows = [], []
-        for path in sorted(root.glob("*/lr_find.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-            job = path.parent
+        for job in job_dirs(root):
+            path = job / "lr_find.json"
+            if not path.is_file():  # a job that failed: report_unfinished lists it
+                continue
             label = " ".join(f"{k}={v}" for k, v in runs.overrides_of(job).items()) or job.name
             try:
                 result = rundir.read_json(path)

@@ -153,7 +153,8 @@ def test_an_lr_find_sweep_summary_leaves_out_an_unreadable_job(tmp_path):
 
     good, bad = tmp_path / "0", tmp_path / "1"
     for job in (good, bad):
-        job.mkdir()
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "config.yaml").write_text("seed: 0\n")  # what Hydra writes into every job
     lrs = np.logspace(-5, 0, 20)
     (good / "lr_find.csv").write_text(
         "lr,loss,smoothed_loss\n" + "".join(f"{lr},{2 - i / 20},{2 - i / 20}\n" for i, lr in enumerate(lrs))
