@@ -12,8 +12,11 @@ best metric, is printed and saved as `embeddings/comparison.csv`.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,51 @@ from dlrun import rundir
 from dlrun.config import load_saved
 from dlrun.errors import DlrunError
 
-USAGE = "usage: dlrun embeddings RUN_DIR   (a run directory of `dlrun train model=tabular ...`)"
+USAGE = "dlrun embeddings RUN_DIR [--max-rows N] [--knn-rows N] [--seed S]"
+MAX_ROWS = 100_000  # rows of each split the comparison models see (a seeded sample)
+KNN_ROWS = 20_000  # k-NN's training rows: each prediction is a distance to every one of them
+# Trees of the random forest each see a bootstrap sample of at most this many rows: full-depth
+# trees on all rows cost minutes on a large table and score no better here.
+FOREST_ROWS = 20_000
+# Below this many training rows the models run on one thread: OpenMP's barriers then cost more
+# than the threads save, hundreds of times more on a machine that other jobs keep busy.
+SERIAL_ROWS = 20_000
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dlrun embeddings",
+        description="Export a tabular run's entity embeddings and compare k-NN, random forest and "
+        "gradient boosting on ordinal codes against the same models on the embeddings.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `dlrun train model=tabular ...` run directory")
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=MAX_ROWS,
+        help=f"rows of each split the models see, a seeded sample (default {MAX_ROWS:,}; 0: all)",
+    )
+    parser.add_argument(
+        "--knn-rows",
+        type=int,
+        default=KNN_ROWS,
+        help=f"training rows k-NN compares each row with, from that sample (default {KNN_ROWS:,}; 0: all)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the sample and the models (default: the run's)"
+    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the problem; --help exits 0
+        if e.code:
+            raise DlrunError(f"usage: {USAGE}") from None
+        raise
+    for flag, value in (("--max-rows", args.max_rows), ("--knn-rows", args.knn_rows)):
+        if value < 0:
+            raise DlrunError(f"{flag} {value} is not allowed: give a number of rows, or 0 for all")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise DlrunError(f"--seed {args.seed} is not allowed: use an integer from 0 to {2**32 - 1}")
+    return args
 
 
 def embedding_tables(model: Any, cat_names: list[str]) -> dict[str, np.ndarray]:
@@ -70,8 +117,10 @@ def score(task: str, log_y: bool, metric: str, pred: np.ndarray, y: np.ndarray) 
     }[metric]()
 
 
-def estimators(task: str, seed: int) -> dict[str, Any]:
-    """The paper's three comparison models, scikit-learn defaults otherwise."""
+def estimators(task: str, n_train: int, seed: int, n_jobs: int) -> dict[str, Any]:
+    """The paper's three comparison models, in their fast forms: k-NN (fitted on a sample, see
+    `compare`), a random forest whose trees each see at most FOREST_ROWS rows, and histogram
+    gradient boosting (binned features; early stopping on large tables)."""
     from sklearn.ensemble import (
         HistGradientBoostingClassifier,
         HistGradientBoostingRegressor,
@@ -80,29 +129,69 @@ def estimators(task: str, seed: int) -> dict[str, Any]:
     )
     from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
-    if task == "classification":
-        return {
-            "k-NN (k=10)": KNeighborsClassifier(n_neighbors=10),
-            "random forest": RandomForestClassifier(n_estimators=100, n_jobs=-1, random_state=seed),
-            "gradient boosting": HistGradientBoostingClassifier(random_state=seed),
-        }
+    classify = task == "classification"
+    knn = KNeighborsClassifier if classify else KNeighborsRegressor
+    forest = RandomForestClassifier if classify else RandomForestRegressor
+    boosting = HistGradientBoostingClassifier if classify else HistGradientBoostingRegressor
     return {
-        "k-NN (k=10)": KNeighborsRegressor(n_neighbors=10),
-        "random forest": RandomForestRegressor(n_estimators=100, n_jobs=-1, random_state=seed),
-        "gradient boosting": HistGradientBoostingRegressor(random_state=seed),
+        "k-NN (k=10)": knn(n_neighbors=10, n_jobs=n_jobs),
+        "random forest": forest(
+            n_estimators=100,
+            max_samples=min(1.0, FOREST_ROWS / max(n_train, 1)),
+            # sqrt (scikit-learn's default for classes) also for regression: a third of the
+            # features is the usual choice, but the embeddings add hundreds of columns.
+            max_features="sqrt",
+            n_jobs=n_jobs,
+            random_state=seed,
+        ),
+        "gradient boosting": boosting(random_state=seed),
     }
 
 
-def compare(table: Any, tables: dict[str, np.ndarray], metric: str, seed: int = 0) -> list[dict]:
-    """Fit each estimator without and with the embeddings; one row per estimator."""
+def sample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Row indices: all `n` rows, or `k` of them drawn without replacement (in row order)."""
+    return np.arange(n) if k == 0 or n <= k else np.sort(rng.choice(n, k, replace=False))
+
+
+def compare(
+    table: Any,
+    tables: dict[str, np.ndarray],
+    metric: str,
+    seed: int = 0,
+    max_rows: int = MAX_ROWS,
+    knn_rows: int = KNN_ROWS,
+    progress: Callable[[str, str, int, tuple[float, float] | None], None] = lambda *_: None,
+) -> list[dict]:
+    """Fit each estimator without and with the embeddings on the same sampled rows; one row per
+    estimator with both scores and both times (fit and predict). `progress(model, inputs,
+    training rows, result)` is called before each fit (result None) and after it ((score, seconds))."""
+    from threadpoolctl import threadpool_limits
+
     a = table.arrays()
+    rng = np.random.default_rng(seed)
+    train = sample(len(a["y_train"]), max_rows, rng)
+    valid = sample(len(a["y_valid"]), max_rows, rng)
+    knn = train[sample(len(train), knn_rows, rng)]
+    y_train, y_valid = a["y_train"], a["y_valid"][valid]
+    serial = len(train) < SERIAL_ROWS
     rows = []
-    for label, est in estimators(table.task, seed).items():
-        row: dict[str, Any] = {"model": label, "metric": metric}
-        for column, tabs in (("without_embeddings", None), ("with_embeddings", tables)):
-            est.fit(features(a["cat_train"], a["cont_train"], tabs), a["y_train"])
-            pred = est.predict(features(a["cat_valid"], a["cont_valid"], tabs))
-            row[column] = score(table.task, table.log_y, metric, pred, a["y_valid"])
+    for label, est in estimators(table.task, len(train), seed, 1 if serial else -1).items():
+        fit_rows = knn if label.startswith("k-NN") else train
+        row: dict[str, Any] = {"model": label, "metric": metric, "train_rows": len(fit_rows)}
+        for column, tabs, inputs in (
+            ("without_embeddings", None, "ordinal codes"),
+            ("with_embeddings", tables, "learned embeddings"),
+        ):
+            progress(label, inputs, len(fit_rows), None)
+            t0 = time.perf_counter()
+            x_train = features(a["cat_train"][fit_rows], a["cont_train"][fit_rows], tabs)
+            with threadpool_limits(1 if serial else None):
+                est.fit(x_train, y_train[fit_rows])
+                pred = est.predict(features(a["cat_valid"][valid], a["cont_valid"][valid], tabs))
+            seconds = time.perf_counter() - t0
+            row[column] = score(table.task, table.log_y, metric, pred, y_valid)
+            row[f"seconds_{column}"] = round(seconds, 2)
+            progress(label, inputs, len(fit_rows), (row[column], seconds))
         rows.append(row)
     return rows
 
@@ -124,20 +213,19 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
 
 def main(argv: list[str]) -> None:
     """Export a tabular run's embeddings and compare k-NN / RF / GBM without and with them."""
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return
-    if len(argv) != 1:
-        raise DlrunError(USAGE)
-    run = rundir.existing_run(argv[0], need=rundir.BEST)
-    cfg, table, model = load_run(run)
-    if not table.cat_names:
-        raise DlrunError(f"{run} has no categorical columns, so no embeddings to export")
+    args = parse(argv)
+    run = rundir.existing_run(args.run_dir, need=rundir.BEST)
 
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False)
+    t0 = time.perf_counter()
+    with console.status(f"reading the table of {run.name} and its best weights"):
+        cfg, table, model = load_run(run)
+    if not table.cat_names:
+        raise DlrunError(f"{run} has no categorical columns, so no embeddings to export")
+    console.print(f"read the table ({len(table.y):,} rows) and the model in {time.perf_counter() - t0:.1f} s")
     out_dir = run / "embeddings"
     out_dir.mkdir(exist_ok=True)
     tables = embedding_tables(model, table.cat_names)
@@ -149,35 +237,49 @@ def main(argv: list[str]) -> None:
 
     metrics = loss_and_metrics(table)[1]()
     metric = metrics.monitor
-    with console.status("fitting k-NN, random forest and gradient boosting, without and with embeddings"):
-        rows = compare(table, tables, metric, seed=int(cfg.get("seed", 0)))
-    network = summary.get("best", {}).get(metric)
-    rows.append(
-        {
-            "model": "neural network (this run)",
-            "metric": metric,
-            "without_embeddings": None,
-            "with_embeddings": network,
-        }
+    n_train, n_valid = int((~table.is_valid).sum()), int(table.is_valid.sum())
+    limit = lambda n: n if args.max_rows == 0 else min(n, args.max_rows)  # noqa: E731
+    console.print(
+        f"k-NN, random forest and gradient boosting on {limit(n_train):,} of {n_train:,} training rows "
+        f"(a sample: --max-rows), scored on {limit(n_valid):,} of {n_valid:,} validation rows"
     )
+    with console.status("") as status:
+
+        def progress(label: str, inputs: str, n_rows: int, result: tuple[float, float] | None) -> None:
+            if result is None:
+                status.update(f"fitting {label} on {inputs} ({n_rows:,} rows)")
+            else:
+                console.print(f"  {label}, {inputs}: {metric} {result[0]:.4f} in {result[1]:.1f} s")
+
+        seed = int(cfg.get("seed", 0)) if args.seed is None else args.seed
+        rows = compare(table, tables, metric, seed, args.max_rows, args.knn_rows, progress)
+    network = summary.get("best", {}).get(metric)
+    rows.append({"model": "neural network (this run)", "metric": metric, "with_embeddings": network})
 
     path = out_dir / "comparison.csv"
+    fields = ["model", "metric", "without_embeddings", "with_embeddings"]
+    fields += ["train_rows", "seconds_without_embeddings", "seconds_with_embeddings"]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "metric", "without_embeddings", "with_embeddings"])
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+        w.writerows({k: row.get(k, "") for k in fields} for row in rows)
 
-    table = Table(
+    shown = Table(
         title=f"{metric} on the validation split of {run.name}"
         f" ({'higher' if metrics.mode == 'max' else 'lower'} is better)"
     )
-    table.add_column("model")
-    table.add_column("ordinal codes", justify="right")
-    table.add_column("learned embeddings", justify="right")
+    for name, justify in (("model", "left"), ("ordinal codes", "right"), ("learned embeddings", "right")):
+        shown.add_column(name, justify=justify)
+    shown.add_column("seconds", justify="right")
     for row in rows:
-        table.add_row(
-            row["model"],
-            *("-" if row[k] is None else f"{row[k]:.4f}" for k in ("without_embeddings", "with_embeddings")),
+        cells = (
+            "-" if row.get(k) is None else f"{row[k]:.4f}" for k in ("without_embeddings", "with_embeddings")
         )
-    console.print(table)
-    console.print(f"saved {path}")
+        seconds = (
+            f"{row['seconds_without_embeddings']:.1f} + {row['seconds_with_embeddings']:.1f}"
+            if "seconds_with_embeddings" in row
+            else "-"
+        )
+        shown.add_row(row["model"], *cells, seconds)
+    console.print(shown)
+    console.print(f"saved {path}; done in {time.perf_counter() - t0:.1f} s")

@@ -102,6 +102,9 @@ class Data:
     batch_keys: tuple[str, ...] = ("bs",)
     # What else usually helps when the loss diverges on this data, beyond a lower lr.
     advice: tuple[str, ...] = ()
+    # Facts about each split, JSON-ready ({"train": {"rows": ..., "first_date": "2015-01-01", ...},
+    # "valid": {...}}): printed at the start of a run and kept in summary.json.
+    split: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # --- registries ----------------------------------------------------------------------

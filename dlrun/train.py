@@ -118,6 +118,10 @@ def fit(
     summary = Summary(run_dir, learner, started, state)
     if state.epoch == 0 and state.batch == 0:
         log.info("training on %s (%s) at lr %.3g", learner.device, learner.precision, state.lr)
+        for split, facts in data.split.items():
+            line = f"{split} split: " + ", ".join(f"{k} {v}" for k, v in facts.items())
+            log.info(line)
+            report.console.print(line, markup=False, highlight=False)
 
     def end(status: str, error: Exception) -> None:
         """Record how the run ended in summary.json, then raise `error`."""
@@ -238,6 +242,7 @@ class Summary:
             "lr": state.lr,
             "wall_s": round(wall, 3),
             "items_per_s": state.train_items / state.train_seconds if state.train_seconds else None,
+            "split": self.learner.data.split if self.learner else {},
             "device": str(self.learner.device) if self.learner else None,
             "precision": self.learner.precision if self.learner else None,
             "versions": {

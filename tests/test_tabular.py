@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,22 +119,139 @@ def test_sales_table_with_dates_log_target_and_rmspe(tmp_path):
     assert got["mae"] == pytest.approx(15.0, rel=1e-5)
 
 
-def test_sales_run_reports_rmspe(tmp_path):
+def test_sales_run_reports_rmspe_and_the_date_range_of_each_split(tmp_path):
     run = tmp_path / "run"
     r = dlrun(
         "train",
         "model=tabular",
         *SALES,
+        "data.valid_last=12D",  # the same 12 of 60 days as valid_pct=0.2
         f"data.path={sales_csv(tmp_path)}",
         "trainer.epochs=4",
         "trainer.progress=false",
         f"hydra.run.dir={run}",
     )
     assert r.returncode == 0, r.stderr
+    assert "train split: rows 144, first_date 2015-01-01, last_date 2015-02-17" in r.stdout
+    assert "valid split: rows 36, first_date 2015-02-18, last_date 2015-03-01" in r.stdout
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["split"] == {
+        "train": {"rows": 144, "first_date": "2015-01-01", "last_date": "2015-02-17"},
+        "valid": {"rows": 36, "first_date": "2015-02-18", "last_date": "2015-03-01"},
+    }
     assert summary["monitor"] == "rmspe"
     # The head starts at the mean log target, so four epochs already land near 0.5 (without that: ~1).
     assert 0 < summary["best"]["rmspe"] < 0.6 and "rmse" in summary["best"] and "mae" in summary["best"]
+
+
+@pytest.mark.parametrize(
+    "period, days",
+    [("14D", 14), (14, 14), ("2W", 14), ("W-MON", 7), ("1MS", 28), ("1ME", 28), ("48h", 2)],
+)
+def test_valid_last_is_the_last_period_of_whole_days(tmp_path, period, days):
+    """60 days from 2015-01-01 to 2015-03-01, 3 rows a day; a month back from 2015-03-02 is 2015-02-02."""
+    from dlrun.data.tabular import load_table
+
+    path = sales_csv(tmp_path)
+    table = load_table(config("model=tabular", *SALES, f"data.path={path}", f"data.valid_last={period}").data)
+    dates = pd.to_datetime(pd.read_csv(path)["Date"])
+    assert table.is_valid.sum() == 3 * days
+    assert dates[table.is_valid].min() == pd.Timestamp("2015-03-01") - pd.Timedelta(days=days - 1)
+    assert dates[~table.is_valid].max() < dates[table.is_valid].min()  # no day is split
+    assert table.split["valid"]["last_date"] == "2015-03-01"
+
+
+def test_valid_last_user_errors(tmp_path):
+    path = sales_csv(tmp_path)
+    with pytest.raises(DlrunError, match="data.valid_last=14D needs data.valid_by: name the date column"):
+        build_data(*SALES, f"data.path={path}", "data.valid_by=null", "data.valid_last=14D")
+    with pytest.raises(
+        DlrunError, match="data.valid_by=Store is not a date column: list it in data.date_names"
+    ):
+        build_data(*SALES, f"data.path={path}", "data.valid_by=Store", "data.valid_last=14D")
+    msg = r"covers every date of Date \(2015-01-01 to 2015-03-01\), which leaves no rows for training"
+    with pytest.raises(DlrunError, match=msg):
+        build_data(*SALES, f"data.path={path}", "data.valid_last=60D")
+    # A value that is no period is refused with the other config values, before any work (exit 2).
+    r = dlrun("train", "model=tabular", *SALES, f"data.path={path}", "data.valid_last=3B", "trainer.epochs=1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "data.valid_last='3B' is not allowed" in r.stderr and "42D, 6W, 2MS" in r.stderr
+
+
+# --- reading: text codes among numbers, a header the recipe does not expect -----
+
+
+def test_a_column_of_numbers_with_a_few_text_codes_is_read_as_one_set_of_levels(tmp_path):
+    """A holiday column of `0` and codes `a`, `b`, `c`: pandas reads a large file in chunks of
+    262,144 rows and, left to guess, types it as numbers in the first chunk and text after."""
+    from dlrun.data.tabular import load_table
+
+    path = tmp_path / "holidays.csv"
+    n = 270_000
+    codes = np.full(n, "0", dtype=object)
+    codes[263_000:269_000:10] = np.resize(["a", "b", "c"], 600)
+    x = np.arange(n) % 7
+    pd.DataFrame({"holiday": codes, "x": x, "y": x % 2}).to_csv(path, index=False)
+    with pytest.warns(pd.errors.DtypeWarning):
+        guessed = pd.read_csv(path)["holiday"]
+    assert {type(v) for v in guessed} == {int, str}  # the problem this test is about
+
+    overrides = ("data=csv", f"data.path={path}", "data.y_name=y", "data.cat_names=[holiday]")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DtypeWarning either
+        table = load_table(config("model=tabular", *overrides, "data.cont_names=[x]").data)
+    assert table.levels["holiday"] == ["#unknown#", "0", "a", "b", "c"]
+    assert (table.cat[:, 0] == pd.Series(codes).map({"0": 1, "a": 2, "b": 3, "c": 4}).to_numpy()).all()
+
+    # The same column as a number is an error that names it and its first text value.
+    msg = r"column 'holiday' has the non-numeric value 'a' in data row 263001"
+    with pytest.raises(DlrunError, match=msg):
+        build_data(*overrides[:3], "data.cont_names=[holiday]")
+
+
+def test_numeric_codes_read_as_text_keep_numeric_order(tmp_path):
+    from dlrun.data.tabular import fit_levels
+
+    assert fit_levels(pd.Series(["10", "2", "b", None, "1", "a"], dtype=str)) == [
+        "#unknown#", "1", "2", "10", "a", "b", "#na#"
+    ]  # fmt: skip
+    assert fit_levels(pd.Series([0, "0", "a"], dtype=object)) == ["#unknown#", "0", "a"]
+
+
+ADULT_NAMES = (
+    "age,workclass,fnlwgt,education,education-num,marital-status,occupation,relationship,race,sex,"
+    "capital-gain,capital-loss,hours-per-week,native-country,salary"
+)
+ADULT_ROWS = [
+    "39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, Male, "
+    "2174, 0, 40, United-States, <=50K",
+    "50, Self-emp-not-inc, 83311, Bachelors, 13, Married-civ-spouse, Exec-managerial, Husband, White, "
+    "Male, 0, 0, 13, United-States, >50K",
+]
+
+
+def test_a_header_the_recipe_does_not_expect_says_how_to_read_it(tmp_path):
+    """experiment=adult reads a file without a header (data.header=false, data.names set)."""
+    rows = "\n".join(ADULT_ROWS * 20) + "\n"
+    same = write(tmp_path, ADULT_NAMES.replace(",", ", ") + "\n" + rows, "same.csv")
+    msg = r"same.csv looks like a header \(it lists the names of data.names\).*set data.header=true"
+    with pytest.raises(DlrunError, match=msg):
+        build_data("experiment=adult", f"data.path={same}")
+    # A header with names of its own (Kaggle's adult.csv): text where the next line has numbers.
+    own = ADULT_NAMES.replace("-", ".").replace("salary", "income")
+    other = write(tmp_path, own + "\n" + rows, "other.csv")
+    msg = r"it has text where the next line has numbers, in age, fnlwgt, education-num, hours-per-week"
+    with pytest.raises(DlrunError, match=msg):
+        build_data("experiment=adult", f"data.path={other}")
+    # With data.header=true the recipe's names rename the header's; all 40 rows are data.
+    a = table_arrays("experiment=adult", f"data.path={other}", "data.header=true", "data.valid_pct=0.25")
+    assert len(a["y_train"]) + len(a["y_valid"]) == 40
+    # A header of another width: data.names=null is how to use it.
+    wider = write(tmp_path, "id," + own + "\n" + "\n".join(f"{i}, {r}" for i, r in enumerate(ADULT_ROWS)))
+    with pytest.raises(DlrunError, match=r"data.names lists 15 columns but .* has 16: data.names=null uses"):
+        build_data("experiment=adult", f"data.path={wider}", "data.header=true")
+    r = dlrun("train", "experiment=adult", f"data.path={same}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "looks like a header" in r.stderr and "Traceback" not in r.stderr
 
 
 # --- processing: missing values, unseen levels, statistics from training -------

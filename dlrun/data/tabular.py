@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pandas.tseries import offsets
+from pandas.tseries.frequencies import to_offset
 
 from dlrun.data import TensorBatches
 from dlrun.errors import DlrunError, closest
@@ -52,6 +55,64 @@ DATE_PARTS = (
 # imported for a config, since a run directory's config is data, not code.
 BUNDLED_PACKAGES = ("palmerpenguins",)
 
+DAY = pd.Timedelta(days=1)
+# `data.valid_last` aliases counted in calendar months (`2MS`, `1QE`, `1YS`...): months in one.
+MONTHS = (
+    ((offsets.MonthBegin, offsets.MonthEnd, offsets.BusinessMonthBegin, offsets.BusinessMonthEnd), 1),
+    ((offsets.QuarterBegin, offsets.QuarterEnd, offsets.BQuarterBegin, offsets.BQuarterEnd), 3),
+    ((offsets.YearBegin, offsets.YearEnd, offsets.BYearBegin, offsets.BYearEnd), 12),
+)
+PERIODS = (
+    "a number of days (42) or a pandas offset alias in whole days, weeks, months, quarters or years "
+    "(42D, 6W, 2MS, 1QS, 1YE)"
+)
+
+
+def period(value: Any) -> pd.DateOffset:
+    """`data.valid_last` as a calendar offset: whole days, or whole months (a quarter is three,
+    a year twelve). An alias's anchor (`W-SUN`, month start or end) does not matter: the period
+    is counted back from the day after the last date."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError("not a positive number of days")
+        return pd.DateOffset(days=value)
+    offset = to_offset(str(value))
+    if offset.n < 1:
+        raise ValueError("not a positive period")
+    if isinstance(offset, offsets.Day):
+        return pd.DateOffset(days=offset.n)
+    if isinstance(offset, offsets.Week):
+        return pd.DateOffset(days=7 * offset.n)
+    if isinstance(offset, offsets.Tick) and offset.nanos % DAY.value == 0:
+        return pd.DateOffset(days=offset.nanos // DAY.value)
+    for kinds, months in MONTHS:
+        if isinstance(offset, kinds):
+            return pd.DateOffset(months=months * offset.n)
+    raise ValueError("not whole days or months")
+
+
+@dataclass(frozen=True)
+class Period(Rule):
+    """`data.valid_last`: null, a positive number of days, or an offset alias `period` reads."""
+
+    kind: str = "period"
+    nullable: bool = True
+
+    def describe(self) -> str:
+        return PERIODS + " or null"
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, float) or not isinstance(value, (int, str)):
+            return False
+        try:
+            period(value)
+        except ValueError:
+            return False
+        return True
+
+
 # The keys of configs/data/csv.yaml. Column lists may be empty, so they are checked against
 # the file when it is read, not here.
 RULES = {
@@ -63,6 +124,7 @@ RULES = {
     "data.task": Choice("auto", "classification", "regression"),
     "data.log_y": BOOL,
     "data.valid_by": Rule("str", nullable=True),
+    "data.valid_last": Period(),
     "data.split_seed": Int(0),
 }
 
@@ -105,68 +167,151 @@ def table_path(dcfg: Any) -> Path:
 
 
 def read_table(dcfg: Any) -> pd.DataFrame:
-    """Read the table with the configured separator, header, column names and NA markers."""
+    """Read the columns the config names, with its separator, header, column names and NA markers.
+
+    Categorical and date columns (and a classification target) are read as text, as written:
+    left to guess, pandas reads a large file in chunks and types a column of mostly numbers
+    with a few codes (a holiday column of `0` and `a`) as numbers in some chunks and text in
+    others, so that `0` becomes two levels. The other columns are typed by pandas (a
+    continuous column that holds text is an error naming the value, in `numbers`)."""
     path = table_path(dcfg)
     sep = str(dcfg.get("sep", ","))
     # ", " (UCI Adult) is a comma followed by spaces: read it as "," and skip the spaces,
     # which keeps pandas' fast C parser (a multi-character separator forces the python one).
-    sep_char = sep.strip() or sep
+    options: dict[str, Any] = dict(
+        sep=sep.strip() or sep, skipinitialspace=True, skiprows=int(dcfg.get("skip_rows") or 0) or None
+    )
     header = bool(dcfg.get("header", True))
-    try:
-        df = pd.read_csv(
-            path, sep=sep_char, header=0 if header else None, skipinitialspace=True,
-            na_values=[str(v) for v in dcfg.get("na_values") or []],
-            skiprows=int(dcfg.get("skip_rows") or 0) or None,
-        )  # fmt: skip
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
-    names = dcfg.get("names")
-    if names:
-        names = [str(n) for n in names]
-        if len(names) != df.shape[1]:
+    first = first_rows(path, options, sep)
+    names = [str(n) for n in dcfg.get("names") or []]
+    if not header:
+        why = looks_like_header(first, names, dcfg)
+        if why:
             raise DlrunError(
-                f"data.names lists {len(names)} columns but {path} has {df.shape[1]}: "
-                f"give one name per column (check data.sep={sep!r})"
+                f"the first line of {path} looks like a header ({why}), but data.header=false reads it "
+                f"as data: set data.header=true; data.names=null then takes the column names from "
+                f"that line (data.names, when set, renames the columns)"
             )
-        df.columns = names
-    else:
-        df.columns = [str(c) for c in df.columns]
+    width = len(first.columns)
+    if names and len(names) != width:
+        fix = (
+            "data.names=null uses the file's header, or give one name per column"
+            if header
+            else "give one name per column"
+        )
+        raise DlrunError(
+            f"data.names lists {len(names)} columns but {path} has {width}: {fix} (check data.sep={sep!r})"
+        )
+    columns = unique_names(names or (list(first.iloc[0]) if header else range(width)))
+    check_columns(columns, dcfg)
+    used = {name for role in roles(dcfg).values() for name in role}
+    text = set(_names(dcfg, "cat_names") + _names(dcfg, "date_names"))
+    if str(dcfg.get("task")) == "classification":
+        text.add(str(dcfg.y_name))
+    try:
+        with warnings.catch_warnings():
+            # A column pandas typed chunk by chunk is still read right: a continuous one that
+            # holds text is an error naming the value (`numbers`), a target's levels are strings.
+            warnings.simplefilter("ignore", pd.errors.DtypeWarning)
+            df = pd.read_csv(
+                path, header=0 if header else None, names=columns,
+                usecols=[c for c in columns if c in used], dtype={c: str for c in used & text},
+                na_values=[str(v) for v in dcfg.get("na_values") or []], **options,
+            )  # fmt: skip
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
     if df.empty:
         raise DlrunError(f"{path} has no data rows")
     return df
+
+
+def first_rows(path: Path, options: dict[str, Any], sep: str) -> pd.DataFrame:
+    """The file's first two lines as text, read as the table will be (cheap: two rows)."""
+    try:
+        return pd.read_csv(path, header=None, nrows=2, dtype=str, keep_default_na=False, **options)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
+    except pd.errors.EmptyDataError:
+        raise DlrunError(f"{path} is empty") from None
+
+
+def unique_names(line: Any) -> list[str]:
+    """Column names as pandas makes them from a header: `Unnamed: 3` for an empty one, `a.1` for
+    the second `a`."""
+    names: list[str] = []
+    for i, value in enumerate(line):
+        name = str(value).strip() or f"Unnamed: {i}"
+        base, k = name, 0
+        while name in names:
+            k += 1
+            name = f"{base}.{k}"
+        names.append(name)
+    return names
+
+
+def looks_like_header(first: pd.DataFrame, names: list[str], dcfg: Any) -> str:
+    """Why the first line of a file read without a header looks like one ("" when it does not):
+    it equals data.names, it holds the target's name, or it has text in every continuous column
+    where the next line has numbers."""
+    line = [str(v).strip() for v in first.iloc[0]]
+    if names and line == names:
+        return "it lists the names of data.names"
+    if not names:  # columns are named by position: nothing to compare the line with
+        return ""
+    y_name = dcfg.get("y_name")
+    if y_name is not None and str(y_name) in line:
+        return f"it holds {str(y_name)!r}, the name of data.y_name"
+    if len(names) == len(line) and len(first) > 1:
+        conts = [names.index(c) for c in _names(dcfg, "cont_names") if c in names]
+        second = [str(v) for v in first.iloc[1]]
+        if conts and all(not is_number(line[i]) and is_number(second[i]) for i in conts):
+            return f"it has text where the next line has numbers, in {', '.join(names[i] for i in conts)}"
+    return ""
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _names(dcfg: Any, key: str) -> list[str]:
     return [str(n) for n in (dcfg.get(key) or [])]
 
 
-def check_columns(df: pd.DataFrame, dcfg: Any) -> None:
-    """Every configured column exists in the table, and plays one role only."""
-    roles = {
+def roles(dcfg: Any) -> dict[str, list[str]]:
+    """Config key -> the columns it names."""
+    return {
         "data.y_name": [str(dcfg.y_name)] if dcfg.get("y_name") is not None else [],
         "data.cat_names": _names(dcfg, "cat_names"),
         "data.cont_names": _names(dcfg, "cont_names"),
         "data.date_names": _names(dcfg, "date_names"),
         "data.valid_by": [str(dcfg.valid_by)] if dcfg.get("valid_by") is not None else [],
     }
-    if not roles["data.y_name"]:
-        raise DlrunError(f"data.y_name is not set: name the target column (one of {', '.join(df.columns)})")
-    for key, names in roles.items():
+
+
+def check_columns(columns: list[str], dcfg: Any) -> None:
+    """Every configured column is one of the table's `columns`, and plays one role only."""
+    named = roles(dcfg)
+    if not named["data.y_name"]:
+        raise DlrunError(f"data.y_name is not set: name the target column (one of {', '.join(columns)})")
+    for key, names in named.items():
         for name in names:
-            if name not in df.columns:
-                near = closest(name, df.columns)
+            if name not in columns:
+                near = closest(name, columns)
                 hint = f" (did you mean {near!r}?)" if near else ""
                 raise DlrunError(
-                    f"{key}: column {name!r} is not in the table{hint}; its columns are: "
-                    f"{', '.join(df.columns)}"
+                    f"{key}: column {name!r} is not in the table{hint}; its columns are: {', '.join(columns)}"
                 )
     seen: dict[str, str] = {}
     for key in ("data.y_name", "data.cat_names", "data.cont_names", "data.date_names"):
-        for name in roles[key]:
+        for name in named[key]:
             if name in seen:
                 raise DlrunError(f"column {name!r} is listed in both {seen[name]} and {key}: keep it in one")
             seen[name] = key
-    if not (roles["data.cat_names"] or roles["data.cont_names"] or roles["data.date_names"]):
+    if not (named["data.cat_names"] or named["data.cont_names"] or named["data.date_names"]):
         raise DlrunError("no input columns: list some in data.cat_names, data.cont_names or data.date_names")
 
 
@@ -218,7 +363,10 @@ def date_parts(dates: pd.Series, name: str) -> tuple[dict[str, pd.Series], dict[
 
 
 def split_mask(df: pd.DataFrame, dcfg: Any, dates: dict[str, pd.Series]) -> np.ndarray:
-    """Which rows are validation: a random `valid_pct`, the latest dates, or a flag column."""
+    """Which rows are validation: a random `valid_pct`, the last period or the latest `valid_pct`
+    of dates, or a flag column."""
+    if dcfg.get("valid_last") is not None:
+        return last_period(dcfg, dates)
     n = len(df)
     pct = float(dcfg.get("valid_pct", 0.2))
     by = dcfg.get("valid_by")
@@ -250,6 +398,48 @@ def split_mask(df: pd.DataFrame, dcfg: Any, dates: dict[str, pd.Series]) -> np.n
     return flags.to_numpy(dtype=bool)
 
 
+def last_period(dcfg: Any, dates: dict[str, pd.Series]) -> np.ndarray:
+    """`data.valid_last`: the rows dated in the last period of `data.valid_by`, counted back from
+    the day after the last date, so whole days stay together (42D: the last 42 days)."""
+    what, by = f"data.valid_last={dcfg.valid_last}", dcfg.get("valid_by")
+    if by is None:
+        raise DlrunError(
+            f"{what} needs data.valid_by: name the date column to count back on (one of data.date_names)"
+        )
+    if str(by) not in dates:
+        raise DlrunError(
+            f"{what} counts back on dates, but data.valid_by={by} is not a date column: list it in "
+            f"data.date_names, or drop data.valid_last"
+        )
+    try:
+        offset = period(dcfg.valid_last)
+    except ValueError:
+        raise DlrunError(f"{what} is not allowed: data.valid_last must be {PERIODS}") from None
+    days = dates[str(by)].dt.normalize()
+    first, last = days.min(), days.max()
+    if pd.isna(last):
+        raise DlrunError(f"data.valid_by={by!r}: the date column has no dates")
+    start = last + DAY - offset
+    if start <= first:
+        raise DlrunError(
+            f"{what} covers every date of {by} ({first.date()} to {last.date()}), which leaves no rows "
+            f"for training: choose a shorter period"
+        )
+    return (days >= start).to_numpy(dtype=bool)
+
+
+def split_facts(is_valid: np.ndarray, dates: pd.Series | None) -> dict[str, dict[str, Any]]:
+    """Rows in each split and, for a split by dates, each split's first and last date (ISO)."""
+    facts = {}
+    for split, rows in (("train", ~is_valid), ("valid", is_valid)):
+        facts[split] = {"rows": int(rows.sum())}
+        known = dates[rows].dropna() if dates is not None else ()
+        if len(known):
+            first, last = known.min().date(), known.max().date()
+            facts[split] |= {"first_date": first.isoformat(), "last_date": last.isoformat()}
+    return facts
+
+
 def resolve_task(y: pd.Series, dcfg: Any) -> str:
     """`auto`: text or booleans, or integers with few values, are classes; other numbers regression."""
     task = str(dcfg.get("task", "auto"))
@@ -276,13 +466,23 @@ def as_levels(col: pd.Series) -> pd.Series:
 
 
 def fit_levels(train: pd.Series) -> list[str]:
-    """`#unknown#`, the training values in order (numeric order for numbers), `#na#` if training has gaps."""
+    """`#unknown#`, the training values in order, `#na#` if training has gaps. Each value is one
+    level however the file typed it (`0` and `"0"`); numbers, also read as text, come in
+    numeric order (`2` before `10`), before other text in alphabetical order."""
     values = pd.Series(train.dropna().unique(), dtype=train.dtype)
-    values = values.sort_values() if pd.api.types.is_numeric_dtype(values) else values
-    names = as_levels(values).tolist()
-    if not pd.api.types.is_numeric_dtype(values):
-        names = sorted(names)
+    if pd.api.types.is_numeric_dtype(values):
+        names = as_levels(values.sort_values()).tolist()
+    else:
+        names = sorted(set(as_levels(values).tolist()), key=level_order)
     return [UNKNOWN, *names] + ([MISSING] if train.isna().any() else [])
+
+
+def level_order(level: str) -> tuple[int, float, str]:
+    """The sort key of a level: numbers by value first, then text."""
+    try:
+        return (0, float(level), level)
+    except ValueError:
+        return (1, 0.0, level)
 
 
 def encode(col: pd.Series, levels: list[str]) -> np.ndarray:
@@ -307,6 +507,7 @@ class Table:
     log_y: bool
     classes: list[str] = field(default_factory=list)
     y_name: str = ""
+    split: dict[str, dict[str, Any]] = field(default_factory=dict)  # `split_facts`
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Train and valid arrays: cat_train, cont_train, y_train, cat_valid, cont_valid, y_valid."""
@@ -322,7 +523,7 @@ class Table:
 
 def process(df: pd.DataFrame, dcfg: Any) -> Table:
     """Check, split and encode a raw table into a `Table` (statistics from training rows only)."""
-    check_columns(df, dcfg)
+    check_columns([str(c) for c in df.columns], dcfg)
     y_name = str(dcfg.y_name)
     dates = {name: parse_dates(df[name]) for name in _names(dcfg, "date_names")}
     is_valid = split_mask(df, dcfg, dates)
@@ -330,8 +531,10 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
     if not train.any() or not is_valid.any():
         raise DlrunError(
             f"the split leaves {int(train.sum())} training and {int(is_valid.sum())} validation rows: "
-            f"change data.valid_pct or data.valid_by"
+            f"change data.valid_pct, data.valid_last or data.valid_by"
         )
+    by = str(dcfg.get("valid_by"))
+    split = split_facts(is_valid, dates.get(by))
 
     cats: dict[str, pd.Series] = {name: df[name] for name in _names(dcfg, "cat_names")}
     conts: dict[str, pd.Series] = {
@@ -401,7 +604,7 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
         cat=np.stack(codes, 1) if codes else np.zeros((n, 0), np.int64),
         cont=np.stack(cont_cols, 1).astype(np.float32) if cont_cols else np.zeros((n, 0), np.float32),
         y=y, is_valid=is_valid, cat_names=list(cats), cont_names=cont_names, levels=levels,
-        task=task, log_y=bool(dcfg.get("log_y")), classes=classes, y_name=y_name,
+        task=task, log_y=bool(dcfg.get("log_y")), classes=classes, y_name=y_name, split=split,
     )  # fmt: skip
 
 
@@ -509,4 +712,6 @@ def build(cfg: Any, device: torch.device) -> Data:
     valid = TensorBatches(*tensors("valid"), bs, shuffle=False, split="valid")
 
     loss, metrics = loss_and_metrics(table)
-    return Data(train=train, valid=valid, loss=loss, metrics=metrics, facts=table_facts(table))
+    return Data(
+        train=train, valid=valid, loss=loss, metrics=metrics, facts=table_facts(table), split=table.split
+    )
