@@ -19,8 +19,8 @@ The target: `dlrun embeddings` finishes in under 5 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
-import re
 import subprocess
 import sys
 import time
@@ -144,9 +144,15 @@ def main() -> None:
     wall, cpu, out = run(cmd)
     print(out)
     print(f"dlrun embeddings, end to end: wall {wall:.1f} s, CPU {cpu:.1f} s (target: under 300 s wall)")
-    times = re.findall(r"^(.+?) in ([0-9.]+) s$", out, re.M)
-    if times:
-        print("per step: " + "; ".join(f"{what.strip()} {s} s" for what, s in times))
+    with open(run_dir / "embeddings" / "comparison.csv", newline="") as f:
+        models = [row for row in csv.DictReader(f) if row["seconds_with_embeddings"]]
+    print("per model (seconds: ordinal codes + learned embeddings, fit and predict):")
+    for row in models:
+        codes, embeddings = float(row["seconds_without_embeddings"]), float(row["seconds_with_embeddings"])
+        print(
+            f"  {row['model']:<20} {row['train_rows']:>7} rows  {codes:6.1f} + {embeddings:6.1f} s   "
+            f"{row['metric']} {float(row['without_embeddings']):.4f} -> {float(row['with_embeddings']):.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -352,7 +353,7 @@ def test_penguins_trains_to_high_accuracy_and_embeddings_compare(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best"]["accuracy"] >= 0.95
 
-    r = dlrun("embeddings", str(run))
+    r = dlrun("embeddings", str(run), "--max-rows", "200", "--knn-rows", "100")
     assert r.returncode == 0, r.stderr
     island = pd.read_csv(run / "embeddings" / "island.csv")
     assert island["level"].tolist() == ["#unknown#", "Biscoe", "Dream", "Torgersen"]
@@ -362,6 +363,12 @@ def test_penguins_trains_to_high_accuracy_and_embeddings_compare(tmp_path):
     assert table["with_embeddings"].iloc[-1] == pytest.approx(summary["best"]["accuracy"])
     assert (table["without_embeddings"].iloc[:3] > 0.8).all() and (table["with_embeddings"] > 0.8).all()
     assert "random forest" in r.stdout and "learned embeddings" in r.stdout
+    # 200 of the 275 training rows, the same for codes and embeddings; k-NN on 100 of those.
+    assert table["train_rows"].tolist()[:3] == [100, 200, 200]
+    assert "on 200 of 275 training rows" in r.stdout and "scored on 69 of 69 validation rows" in r.stdout
+    for model in ("k-NN (k=10)", "random forest", "gradient boosting"):  # each fit's time, as it ends
+        assert re.search(rf"{re.escape(model)}, learned embeddings: accuracy [0-9.]+ in [0-9.]+ s", r.stdout)
+    assert (table["seconds_with_embeddings"].iloc[:3] >= 0).all()
 
 
 @pytest.mark.slow
@@ -464,10 +471,14 @@ def test_model_on_the_wrong_data_family_exits_2(model, tmp_path):
     assert "cannot train on data=digits" in r.stderr
 
 
-def test_embeddings_needs_one_run_dir(tmp_path):
+def test_embeddings_needs_one_run_dir_and_sensible_options(tmp_path):
     from dlrun.embeddings import main
 
     with pytest.raises(DlrunError, match="usage: dlrun embeddings RUN_DIR"):
         main([])
     with pytest.raises(DlrunError, match="does not exist"):
         main([str(tmp_path / "nowhere")])
+    with pytest.raises(DlrunError, match="usage: dlrun embeddings RUN_DIR"):
+        main([str(tmp_path), "--max-rows", "many"])
+    with pytest.raises(DlrunError, match="--max-rows -5 is not allowed: give a number of rows, or 0 for all"):
+        main([str(tmp_path), "--max-rows", "-5"])
