@@ -9,7 +9,11 @@ Processing follows the fast.ai course (Rossmann, Adult):
   categorical column;
 - every categorical column gets index 0 for a level never seen in training (`#unknown#`)
   and, when training has missing values, a level of its own for them (`#na#`);
-- normalisation statistics and category levels come from the training rows only.
+- normalisation statistics and category levels come from the training rows only;
+- categorical and date columns are read as text, as the file writes them (a column of `0` and
+  a few codes `a`, `b` is one set of levels however pandas would have typed it);
+- validation is a random `valid_pct`, the latest `valid_pct` or last period (`valid_last`) of
+  a date column's days, or the rows a true/false column marks.
 
 x is `(cat LongTensor [N, n_cat], cont FloatTensor [N, n_cont])`; y holds class
 indices (classification) or the (optionally log) target (regression).
@@ -419,7 +423,10 @@ def last_period(dcfg: Any, dates: dict[str, pd.Series]) -> np.ndarray:
     first, last = days.min(), days.max()
     if pd.isna(last):
         raise DlrunError(f"data.valid_by={by!r}: the date column has no dates")
-    start = last + DAY - offset
+    try:
+        start = last + DAY - offset
+    except (OverflowError, pd.errors.OutOfBoundsDatetime):  # a period longer than pandas' dates
+        start = first
     if start <= first:
         raise DlrunError(
             f"{what} covers every date of {by} ({first.date()} to {last.date()}), which leaves no rows "
@@ -533,8 +540,8 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
             f"the split leaves {int(train.sum())} training and {int(is_valid.sum())} validation rows: "
             f"change data.valid_pct, data.valid_last or data.valid_by"
         )
-    by = str(dcfg.get("valid_by"))
-    split = split_facts(is_valid, dates.get(by))
+    by = dcfg.get("valid_by")
+    split = split_facts(is_valid, dates.get(str(by)) if by is not None else None)
 
     cats: dict[str, pd.Series] = {name: df[name] for name in _names(dcfg, "cat_names")}
     conts: dict[str, pd.Series] = {
