@@ -243,9 +243,10 @@ def main(argv: list[str]) -> None:
     metric = metrics.monitor
     n_train, n_valid = int((~table.is_valid).sum()), int(table.is_valid.sum())
     limit = lambda n: n if args.max_rows == 0 else min(n, args.max_rows)  # noqa: E731
+    sampled = " (a sample: --max-rows)" if limit(n_train) < n_train or limit(n_valid) < n_valid else ""
     console.print(
-        f"k-NN, random forest and gradient boosting on {limit(n_train):,} of {n_train:,} training rows "
-        f"(a sample: --max-rows), scored on {limit(n_valid):,} of {n_valid:,} validation rows"
+        f"k-NN, random forest and gradient boosting on {limit(n_train):,} of {n_train:,} training rows, "
+        f"scored on {limit(n_valid):,} of {n_valid:,} validation rows{sampled}"
     )
     with console.status("") as status:
 

@@ -366,7 +366,9 @@ def test_penguins_trains_to_high_accuracy_and_embeddings_compare(tmp_path):
     assert "random forest" in r.stdout and "learned embeddings" in r.stdout
     # 200 of the 275 training rows, the same for codes and embeddings; k-NN on 100 of those.
     assert table["train_rows"].tolist()[:3] == [100, 200, 200]
-    assert "on 200 of 275 training rows" in r.stdout and "scored on 69 of 69 validation rows" in r.stdout
+    assert (
+        "on 200 of 275 training rows, scored on 69 of 69 validation rows (a sample: --max-rows)" in r.stdout
+    )
     for model in ("k-NN (k=10)", "random forest", "gradient boosting"):  # each fit's time, as it ends
         assert re.search(rf"{re.escape(model)}, learned embeddings: accuracy [0-9.]+ in [0-9.]+ s", r.stdout)
     assert (table["seconds_with_embeddings"].iloc[:3] >= 0).all()
