@@ -1,8 +1,8 @@
 """`dlrun embeddings` on a large table: a generated Rossmann-like sales table of 1M rows
 (seeded), a brief tabular training run, then `dlrun embeddings` timed end to end.
 
-    .venv/bin/python benchmarks/bench_embeddings.py [--rows 1000000] [--dir DIR] [--epochs 1]
-                                                    [--max-rows 100000] [--run RUN_DIR]
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/bench_embeddings.py [--rows 1000000] [--dir DIR]
+                                    [--epochs 1] [--max-rows 100000] [--run RUN_DIR]
 
 The table: 1,000 stores (the high-cardinality column, each with its own level of sales),
 12 states, 4 store types, a promo flag, a state holiday that is `0` or a text code (`a`,
@@ -13,7 +13,8 @@ holiday and season effects with 10% noise. Validation is the last 6 weeks
 tree models should gain most from the store embedding.
 
 `--run RUN_DIR` reuses a finished run instead of training one (the table must exist).
-The target: `dlrun embeddings` finishes in under 5 minutes on a 2-core CPU.
+The target: `dlrun embeddings` finishes in under 5 minutes on a 2-core CPU. Measured there:
+67 s wall (84 s CPU) on 1M rows after a one-epoch run; the table is in README.md.
 """
 
 from __future__ import annotations
