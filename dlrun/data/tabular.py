@@ -509,4 +509,4 @@ def build(cfg: Any, device: torch.device) -> Data:
     valid = TensorBatches(*tensors("valid"), bs, shuffle=False, split="valid")
 
     loss, metrics = loss_and_metrics(table)
-    return Data(train=train, valid=valid, loss=loss, metrics=metrics, facts=table_facts(table))
+    return Data(train=train, valid=valid, loss=loss, metrics=metrics, facts=table_facts(table), unit="rows")
