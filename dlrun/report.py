@@ -30,7 +30,9 @@ def fmt(value: Any) -> str:
 
 
 def duration(seconds: float) -> str:
-    """A time span as a log line reads it: 45s, 7m10s, 2h05m."""
+    """A time span as a log line reads it: 0.4s, 45s, 7m10s, 2h05m."""
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
     s = round(seconds)
     if s < 60:
         return f"{s}s"
