@@ -45,6 +45,7 @@ RULES: dict[str, Rule] = {
     "trainer.log_every": Int(1),
     "trainer.auto_bs": BOOL,
     "trainer.progress": BOOL,
+    "trainer.log_seconds": Float(0, nullable=True),
     "trainer.checkpoint": BOOL,
     # lr finder
     "lr_find.start_lr": POSITIVE,

@@ -94,8 +94,10 @@ class Data:
     # directory: file name -> content ({"vocab.json": ...} for text, classes for images).
     state: dict[str, Any] = field(default_factory=dict)
     # Items in a target batch: what the loss is a mean over (tokens for a language model),
-    # the weight of the batch in the epoch's mean loss, and the unit of items/s.
+    # the weight of the batch in the epoch's mean loss, and what items/s counts; `unit` names
+    # them in the progress display (tokens, rows, images).
     count: Callable[[Any], int] = batch_items
+    unit: str = "items"
     # Per-batch learning-rate factor (variable-length BPTT windows); None means 1.
     lr_scale: Callable[[Any], float] | None = None
     # The data keys that set the memory one batch takes (named when memory runs out).

@@ -133,7 +133,8 @@ def fit(
         state.wall_before = summary.wall()
         save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
 
-    with StopRequest() as stop_request, report.EpochDisplay(tr.progress) as display:
+    display = report.EpochDisplay(tr.progress, epochs=tr.epochs, log_seconds=tr.log_seconds, unit=data.unit)
+    with StopRequest() as stop_request, display:
         for row in metrics_log.rows:
             display.row(row)
         for epoch in range(state.epoch, tr.epochs):

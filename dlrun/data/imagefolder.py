@@ -88,6 +88,7 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
         metrics=Accuracy,
         facts=facts,
         state={"classes.json": classes},
+        unit="images",
     )
 
 

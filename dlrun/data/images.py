@@ -85,5 +85,11 @@ def image_data(
     )
     state = {"classes.json": list(classes)}
     return Data(
-        train=train, valid=valid, loss=classification_loss, metrics=Accuracy, facts=facts, state=state
+        train=train,
+        valid=valid,
+        loss=classification_loss,
+        metrics=Accuracy,
+        facts=facts,
+        state=state,
+        unit="images",
     )

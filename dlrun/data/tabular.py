@@ -720,5 +720,11 @@ def build(cfg: Any, device: torch.device) -> Data:
 
     loss, metrics = loss_and_metrics(table)
     return Data(
-        train=train, valid=valid, loss=loss, metrics=metrics, facts=table_facts(table), split=table.split
+        train=train,
+        valid=valid,
+        loss=loss,
+        metrics=metrics,
+        facts=table_facts(table),
+        unit="rows",
+        split=table.split,
     )

@@ -315,6 +315,7 @@ def build(cfg: Any, device: torch.device) -> Data:
         facts=text_facts(vocab, bptt),
         state={VOCAB_FILE: vocab.state()},
         count=lambda y: y.numel(),  # the loss is a mean over tokens
+        unit="tokens",
         # A shorter window has fewer tokens behind its mean loss: AWD-LSTM scales the lr by length/bptt.
         lr_scale=(lambda x: x.shape[1] / bptt) if d.variable_bptt else None,
         batch_keys=("bs", "bptt"),
