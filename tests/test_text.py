@@ -140,7 +140,9 @@ def test_word_model_on_a_pretokenised_corpus(ptb: Path, run_dir: Path) -> None:
 
 
 def test_word_lm_reads_pretokenised_corpora_by_default() -> None:
-    assert compose("experiment=word_lm").data.tokenizer == "whitespace"
+    """As published figures read PTB and WikiText-2: tokens as written, the files' own vocabulary."""
+    data = compose("experiment=word_lm").data
+    assert data.tokenizer == "whitespace" and data.min_freq == 1 and data.max_vocab is None
     assert compose("experiment=word_lm_small").data.tokenizer == "regex"  # the bundled prose is raw text
     assert compose("model=rnn").data.tokenizer == "regex"
 
