@@ -72,12 +72,12 @@ def sample(model, vocab, prompt: str, n: int, temperature: float, seed: int) -> 
     `feed(ids)` reads more and returns the next token's logits."""
     import torch
 
-    from dlrun.data.text import EOS, tokenize
+    from dlrun.data.text import EOS
 
-    if vocab.tokens == "char":
-        start = list(prompt) or ["\n"]
-    else:  # a prompt is not a whole line: no end-of-line token after it
-        start = [t for t in tokenize(prompt, "word") if t != EOS] or [EOS]
+    start = vocab.tokenize(prompt)  # as the training text was (vocab.json says how)
+    if vocab.tokens == "word" and start[-1:] == [EOS] and not prompt.endswith("\n"):
+        start.pop()  # the prompt's last line goes on: no end-of-line token after it
+    start = start or ([EOS] if vocab.tokens == "word" else ["\n"])
     ids = vocab.encode(start).unsqueeze(0)
     g = torch.Generator().manual_seed(seed)
     out: list[int] = []

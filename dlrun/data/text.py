@@ -10,12 +10,17 @@ Corpus: `data.path` (a `.txt` file, or a folder with `train.txt` and
 `valid.txt`), or the bundled `pydoc_data.topics` (Python's documentation prose,
 about 460 KB) when `data.bundled` names it. Tokens: characters, or words with
 a vocabulary cut by `data.min_freq` / `data.max_vocab` and an unknown token.
+Words are split by `data.tokenizer`: `regex` cuts raw prose into words and
+punctuation marks; `whitespace` keeps a pre-tokenised corpus (Penn Treebank,
+WikiText) exactly as written, `<unk>` and `n't` included, which is how published
+word-level perplexities count tokens.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import re
 from collections.abc import Iterator
@@ -31,15 +36,20 @@ from dlrun.family import Data, Facts
 from dlrun.metrics import perplexity
 from dlrun.rules import BOOL, Choice, Int, Rule
 
+log = logging.getLogger(__name__)
+
 UNK = "<unk>"  # stands for every token the training text did not have (or the vocabulary cut)
 EOS = "<eos>"  # end of a line, for word tokens (as in WikiText)
 VOCAB_FILE = "vocab.json"
 BUNDLED = ("pydoc_data.topics",)
+TOKENIZERS = ("regex", "whitespace")
+OLD_TOKENIZER = "regex"  # what a vocab.json written before `data.tokenizer` existed used
 
 RULES = {
     "data.path": Rule("str", nullable=True),
     "data.bundled": Choice(*BUNDLED, nullable=True),
     "data.tokens": Choice("char", "word"),
+    "data.tokenizer": Choice(*TOKENIZERS),
     "data.min_freq": Int(1),
     "data.max_vocab": Int(2, nullable=True),
     "data.bptt": Int(1),
@@ -100,14 +110,28 @@ def read_corpus(data_cfg: Any) -> tuple[str, str | None]:
     return _read(path), None
 
 
-def tokenize(text: str, tokens: str) -> list[str]:
-    """Characters, or words and punctuation with an end-of-line token after each line."""
+def split_words(line: str, tokenizer: str) -> list[str]:
+    """One line's words: `regex` splits off punctuation ("don't." -> don ' t .), `whitespace`
+    keeps every token as written (<unk>, n't, 's, 3.5)."""
+    return _WORD.findall(line) if tokenizer == "regex" else line.split()
+
+
+def tokenize(text: str, tokens: str, tokenizer: str = "regex") -> list[str]:
+    """Characters, or each line's words followed by an end-of-line token.
+
+    `regex` skips lines without words. `whitespace` reads lines as the AWD-LSTM and PyTorch
+    example loaders do (`line.split() + ['<eos>']` for every line of the file, empty ones
+    too), so the token count, and with it the perplexity, is the one papers report.
+    """
     if tokens == "char":
         return list(text)
+    lines = text.split("\n") if tokenizer == "whitespace" else text.splitlines()
+    if lines and not lines[-1]:  # the file's final newline ends the last line, it starts none
+        lines.pop()
     out: list[str] = []
-    for line in text.splitlines():
-        words = _WORD.findall(line)
-        if words:
+    for line in lines:
+        words = split_words(line, tokenizer)
+        if words or tokenizer == "whitespace":
             out.extend(words)
             out.append(EOS)
     return out
@@ -125,10 +149,12 @@ def detokenize(words: list[str], tokens: str) -> str:
 
 @dataclass
 class Vocab:
-    """Token <-> index. Index 0 is the unknown token."""
+    """Token <-> index, and how text is cut into tokens. Index 0 is the unknown token
+    (a literal `<unk>` in the corpus is that token too)."""
 
     itos: list[str]
     tokens: str  # char | word
+    tokenizer: str | None = None  # word tokens: regex | whitespace (None for characters)
 
     def __post_init__(self) -> None:
         self.stoi = {s: i for i, s in enumerate(self.itos)}
@@ -137,13 +163,24 @@ class Vocab:
         return len(self.itos)
 
     @classmethod
-    def build(cls, train: list[str], tokens: str, min_freq: int, max_vocab: int | None) -> "Vocab":
+    def build(
+        cls,
+        train: list[str],
+        tokens: str,
+        min_freq: int,
+        max_vocab: int | None,
+        tokenizer: str = OLD_TOKENIZER,
+    ) -> "Vocab":
         """Most frequent first (ties in order of first appearance), cut by count and frequency."""
         counts = collections.Counter(train)
         kept = [t for t, n in counts.most_common(max_vocab) if n >= min_freq and t != UNK]
         if tokens == "char":
             kept.sort()  # a stable, readable order for characters
-        return cls([UNK, *kept], tokens)
+        return cls([UNK, *kept], tokens, tokenizer if tokens == "word" else None)
+
+    def tokenize(self, text: str) -> list[str]:
+        """`text` cut into tokens the way the training text was."""
+        return tokenize(text, self.tokens, self.tokenizer or OLD_TOKENIZER)
 
     def encode(self, toks: list[str]) -> torch.Tensor:
         return torch.tensor([self.stoi.get(t, 0) for t in toks], dtype=torch.long)
@@ -153,15 +190,33 @@ class Vocab:
 
     def state(self) -> dict[str, Any]:
         """What `load` reads back: the tokenization and the tokens in index order."""
-        return {"tokens": self.tokens, "itos": self.itos}
+        doc: dict[str, Any] = {"tokens": self.tokens}
+        if self.tokenizer is not None:
+            doc["tokenizer"] = self.tokenizer
+        return doc | {"itos": self.itos}
 
     @classmethod
     def load(cls, run_dir: Path) -> "Vocab":
+        """The vocabulary a run saved; one without `tokenizer` (older runs) split words by regex."""
         path = Path(run_dir) / VOCAB_FILE
         if not path.is_file():
             raise DlrunError(f"{path} is missing: RUN_DIR must be the directory of a text run")
-        doc = json.loads(path.read_text())
-        return cls(doc["itos"], doc["tokens"])
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            tokens, itos = doc["tokens"], doc["itos"]
+            tokenizer = doc.get("tokenizer", OLD_TOKENIZER) if tokens == "word" else None
+            valid = (
+                tokens in ("char", "word")
+                and (tokenizer is None or tokenizer in TOKENIZERS)
+                and isinstance(itos, list)
+                and all(isinstance(t, str) for t in itos)
+                and itos[:1] == [UNK]
+            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise DlrunError(f"{path} is not a dlrun vocabulary: the run directory is damaged")
+        return cls(itos, tokens, tokenizer)
 
 
 # --- batches -----------------------------------------------------------------
@@ -281,29 +336,79 @@ def text_facts(vocab: Vocab, bptt: int) -> TextFacts:
     return TextFacts(n_out=len(vocab), tokens=vocab.tokens, bptt=int(bptt))
 
 
+def word_tokenizer(data_cfg: Any) -> str:
+    """`data.tokenizer` (a config saved before the key existed split words by regex). It
+    splits words: asking for whitespace-separated words with character tokens is a mistake."""
+    tokenizer = data_cfg.get("tokenizer", OLD_TOKENIZER)
+    if data_cfg.tokens == "char" and tokenizer == "whitespace":
+        raise DlrunError(
+            "data.tokenizer=whitespace splits lines into words, but data.tokens=char reads characters: "
+            "add data.tokens=word for a word model (or data.tokenizer=regex to keep characters)"
+        )
+    return tokenizer
+
+
+def _tokenization(vocab: Vocab) -> str:
+    return f"data.tokens={vocab.tokens}" + (f" data.tokenizer={vocab.tokenizer}" if vocab.tokenizer else "")
+
+
+def check_resumed_vocab(run_dir: Any, vocab: Vocab) -> None:
+    """A resumed run must read its text as it did: the checkpoint's embedding rows are the
+    saved vocabulary's tokens. A changed tokenization (word_lm's default tokenizer was regex
+    before whitespace) is named with the override that restores it."""
+    run_dir = Path(str(run_dir))
+    if not (run_dir / VOCAB_FILE).is_file():
+        return
+    saved = Vocab.load(run_dir)
+    then, now = _tokenization(saved), _tokenization(vocab)
+    if then != now:
+        raise DlrunError(
+            f"resume={run_dir}: the run read its text with {then} ({VOCAB_FILE}), this config "
+            f"with {now}: add {then} to the command"
+        )
+    if saved.itos != vocab.itos:
+        raise DlrunError(
+            f"resume={run_dir}: the corpus gives another vocabulary than the run's {VOCAB_FILE}: "
+            "resume with the same corpus and data.min_freq / data.max_vocab, or start a new run"
+        )
+
+
 def build(cfg: Any, device: torch.device) -> Data:
     """Read, tokenize and batch the corpus named by `cfg.data`."""
     d = cfg.data
+    tokenizer = word_tokenizer(d)
     train_text, valid_text = read_corpus(d)
-    train_toks = tokenize(train_text, d.tokens)
+    train_toks = tokenize(train_text, d.tokens, tokenizer)
     if valid_text is None:
         cut = len(train_toks) - max(1, int(len(train_toks) * d.valid_pct))
         train_toks, valid_toks = train_toks[:cut], train_toks[cut:]
     else:
-        valid_toks = tokenize(valid_text, d.tokens)
+        valid_toks = tokenize(valid_text, d.tokens, tokenizer)
     need = d.bs * d.bptt + 1
     if len(train_toks) < need:
         raise DlrunError(
             f"the training text has {len(train_toks)} {d.tokens} tokens, fewer than data.bs * data.bptt + 1 "
             f"= {d.bs} * {d.bptt} + 1 = {need}: use a longer corpus, or a smaller data.bs or data.bptt"
         )
-    vocab = Vocab.build(train_toks, d.tokens, d.min_freq, d.max_vocab)
+    vocab = Vocab.build(train_toks, d.tokens, d.min_freq, d.max_vocab, tokenizer)
+    if cfg.get("resume"):
+        check_resumed_vocab(cfg.resume, vocab)
     train_ids, valid_ids = vocab.encode(train_toks), vocab.encode(valid_toks)
     if len(valid_ids) < d.bs + 1:
         raise DlrunError(
             f"the validation text has {len(valid_ids)} tokens, too few for data.bs={d.bs} rows: "
             f"use a longer valid.txt, a larger data.valid_pct, or a smaller data.bs"
         )
+    # Perplexity is per token: the log says what a token is, for comparing with other figures.
+    log.info(
+        "%d training and %d validation tokens (%s), vocabulary %d, %.2f%% of validation tokens %s",
+        len(train_ids),
+        len(valid_ids),
+        f"words split by {tokenizer}, {EOS} at line ends" if vocab.tokens == "word" else "characters",
+        len(vocab),
+        100 * int((valid_ids == 0).sum()) / len(valid_ids),
+        UNK,
+    )
     train = StreamBatches(train_ids.to(device), d.bs, d.bptt, "training", d.variable_bptt, cfg.seed)
     valid = StreamBatches(valid_ids.to(device), d.bs, d.bptt, "validation")
     bptt = int(d.bptt)
