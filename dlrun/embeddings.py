@@ -28,7 +28,7 @@ import numpy as np
 
 from dlrun import rundir
 from dlrun.config import load_saved
-from dlrun.errors import DlrunError
+from dlrun.errors import DlrunError, parse_args
 
 USAGE = "dlrun embeddings RUN_DIR [--max-rows N] [--knn-rows N] [--seed S]"
 MAX_ROWS = 100_000  # rows of each split the comparison models see (a seeded sample)
@@ -63,12 +63,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of the sample and the models (default: the run's)"
     )
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed the problem; --help exits 0
-        if e.code:
-            raise DlrunError(f"usage: {USAGE}") from None
-        raise
+    args = parse_args(parser, argv, USAGE)
     for flag, value in (("--max-rows", args.max_rows), ("--knn-rows", args.knn_rows)):
         if value < 0:
             raise DlrunError(f"{flag} {value} is not allowed: give a number of rows, or 0 for all")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class DlrunError(Exception):
@@ -21,3 +22,14 @@ def first_line(error: BaseException) -> str:
     (its type name when it has no message)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def parse_args(parser: Any, argv: Any, usage: str) -> Any:
+    """`argv` parsed by the argparse `parser`. A bad argument (argparse has printed what was
+    wrong) is a DlrunError showing `usage`; --help exits 0 as argparse does."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            raise DlrunError(f"usage: {usage}") from None
+        raise

@@ -10,7 +10,7 @@ import argparse
 import math
 from pathlib import Path
 
-from dlrun.errors import DlrunError
+from dlrun.errors import DlrunError, parse_args
 
 USAGE = "dlrun generate RUN_DIR [--prompt TEXT] [-n N] [--temperature T] [--seed S]"
 MAX_TOKENS = 100_000  # one forward pass per token: more would run for hours on a CPU
@@ -31,12 +31,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="lower is safer, higher is wilder; 0 takes the likeliest token (default 0.8)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed the problem; --help exits 0
-        if e.code:
-            raise DlrunError(f"usage: {USAGE}") from None
-        raise
+    args = parse_args(parser, argv, USAGE)
+    if not 0 <= args.seed < 2**32:
+        raise DlrunError(f"--seed {args.seed} is not allowed: give a seed from 0 to {2**32 - 1}")
     if args.n < 1:
         raise DlrunError(f"-n {args.n} is not allowed: generate at least 1 token")
     if args.n > MAX_TOKENS:

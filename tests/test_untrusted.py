@@ -234,6 +234,15 @@ def test_generate_refuses_a_temperature_that_is_not_a_number():
     assert_user_error(dlrun("generate", "no-such-run", "--temperature", "nan"), "--temperature nan")
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_generate_refuses_a_seed_out_of_range(seed):
+    assert_user_error(dlrun("generate", "no-such-run", "--seed", seed), f"--seed {seed} is not allowed")
+
+
+def test_generate_usage_error_is_one_line():
+    assert_user_error(dlrun("generate", "no-such-run", "--bogus"), "usage: dlrun generate")
+
+
 @pytest.mark.parametrize(
     "change, named",
     [
