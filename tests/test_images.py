@@ -359,9 +359,9 @@ def test_cnn_keeps_the_map_its_features_cannot_see_whole(in_channels, size, grid
     from dlrun.models.cnn import build
 
     model = build(config(), fake_data(in_channels, size)).eval()
-    assert model(torch.randn(2, in_channels, size, size)).shape == (2, 7)
-    assert model.head[0].output_size == grid
-    assert model.head[-1].in_features == 64 * grid[0] * grid[1]
+    features = model.features(torch.randn(2, in_channels, size, size))
+    assert model.head(features).shape == (2, 7)
+    assert model.head[1](model.head[0](features)).shape == (2, 64 * grid[0] * grid[1])
 
 
 def test_cnn_grid_1_pools_globally_and_blocks_set_the_depth():

@@ -77,15 +77,13 @@ class CNN(nn.Module):
             layers += [conv_block(width, width, 1) for _ in range(blocks - 1)]
             c, size = width, halve(size)
         self.features = nn.Sequential(*layers)
-        if receptive_field(self.features) >= max(image_size):
-            size = (1, 1)
-        while max(size) > grid:
-            size = halve(size)
+        pooled = (1, 1) if receptive_field(self.features) >= max(image_size) else size
+        while max(pooled) > grid:
+            pooled = halve(pooled)
+        # A pooling that changes nothing still costs a tenth of a step on the CPU.
+        pool = nn.AdaptiveAvgPool2d(pooled) if pooled != size else nn.Identity()
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(size),
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(c * size[0] * size[1], n_classes),
+            pool, nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * pooled[0] * pooled[1], n_classes)
         )
 
     def forward(self, x):
