@@ -32,6 +32,9 @@ PLAIN_COMMANDS = {
     "runs": ("dlrun.runs", "table of past runs or of one sweep, best first: dlrun runs [DIR]"),
     "embeddings": ("dlrun.embeddings", "export a tabular run's embeddings, compare tree models with them"),
     "generate": ("dlrun.generate", "sample text from a trained language model: dlrun generate RUN_DIR"),
+    "predict": ("dlrun.predict", "apply a trained model to new data: dlrun predict RUN_DIR INPUT"),
+    "export": ("dlrun.export", "write a run's model as ONNX or TorchScript: dlrun export RUN_DIR"),
+    "interpret": ("dlrun.interpret", "confusion matrix, most confused classes, top losses of a run"),
 }
 COMMANDS = {**HYDRA_COMMANDS, **PLAIN_COMMANDS}
 # Hydra flags after which composing the config ourselves first would be wrong or pointless.

@@ -107,6 +107,10 @@ class Data:
     # Facts about each split, JSON-ready ({"train": {"rows": ..., "first_date": "2015-01-01", ...},
     # "valid": {...}}): printed at the start of a run and kept in summary.json.
     split: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How raw inputs become model inputs, as plain JSON: `{"family": "table" | "images" | "text",
+    # ...}`, written into model.json (`dlrun.saved`) so that predict, export and interpret work
+    # from the run directory alone; the family's module rebuilds the facts with `facts_from(it)`.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 # --- registries ----------------------------------------------------------------------

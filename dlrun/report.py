@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,20 @@ class EpochDisplay:
         self.progress.console.print(
             "  ".join(f"{fmt(row.get(c, '')):>11}" for c in self.columns), soft_wrap=True
         )
+
+
+@contextlib.contextmanager
+def bar(total: int, what: str) -> Iterator[Callable[[], None]]:
+    """A transient progress bar of `total` steps on the terminal's stderr (nothing when `total` is
+    0 or stderr is not a terminal); yields the function that advances it by one step."""
+    live = err_console.is_terminal and not err_console.is_dumb_terminal
+    progress = Progress(
+        TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True, disable=not (total and live),
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("", total=total or None)
+        yield lambda: progress.advance(task)
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:

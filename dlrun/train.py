@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 import dlrun
-from dlrun import report, rundir
+from dlrun import report, rundir, saved
 from dlrun.checkpoint import RunState, load_checkpoint, save_best, save_checkpoint
 from dlrun.errors import DlrunError
 from dlrun.family import better, save_state
@@ -113,6 +113,7 @@ def fit(
     for path in rundir.remove_partial_writes(run_dir):
         log.info("removed %s, a partial write of a killed run", path.name)
     save_state(data, run_dir)
+    saved.write(cfg, data, run_dir)
     schedule = build_schedule(cfg.schedule, state.lr, steps * tr.epochs, steps)
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch)
     summary = Summary(run_dir, learner, started, state)

@@ -89,6 +89,9 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
         facts=facts,
         state={"classes.json": classes},
         unit="images",
+        inputs=images.image_inputs(
+            facts, "files", int(d.bs), {"flip": bool(aug.flip), "scale_min": float(aug.scale_min)}
+        ),
     )
 
 

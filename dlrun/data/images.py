@@ -4,6 +4,7 @@ image data config may hold, and whole-tensor image sets on the device (digits, M
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,12 @@ def image_data(
         std=tuple(std.reshape(-1).tolist()),
     )
     state = {"classes.json": list(classes)}
+    inputs = image_inputs(
+        facts,
+        "tensor",
+        int(d.bs),
+        {"flip": bool(aug.get("flip", False)), "crop_pad": int(aug.get("crop_pad", 0))},
+    )
     return Data(
         train=train,
         valid=valid,
@@ -92,4 +99,34 @@ def image_data(
         facts=facts,
         state=state,
         unit="images",
+        inputs=inputs,
+    )
+
+
+def image_inputs(facts: ImageFacts, pixels: str, bs: int, augment: dict[str, Any]) -> dict[str, Any]:
+    """An image run's `Data.inputs`: the facts, and how its pixels were read. `pixels` is
+    `tensor` (whole images scaled to [0, 1], resized bilinearly to `size`, then normalised) or
+    `files` (imagefolder: the centre square resized to `size` in PIL, then normalised)."""
+    return {
+        "family": "images",
+        "pixels": pixels,
+        "classes": list(facts.classes),
+        "channels": facts.channels,
+        "size": list(facts.size),
+        "mean": list(facts.mean),
+        "std": list(facts.std),
+        "bs": bs,
+        "augment": augment,
+    }
+
+
+def facts_from(inputs: dict[str, Any]) -> ImageFacts:
+    """The facts of a saved image model, from its `Data.inputs` (model.json)."""
+    return ImageFacts(
+        n_out=len(inputs["classes"]),
+        channels=int(inputs["channels"]),
+        size=tuple(int(v) for v in inputs["size"]),
+        classes=tuple(str(c) for c in inputs["classes"]),
+        mean=tuple(float(v) for v in inputs["mean"]),
+        std=tuple(float(v) for v in inputs["std"]),
     )

@@ -25,7 +25,7 @@ import importlib.resources
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,64 @@ def read_table(dcfg: Any) -> pd.DataFrame:
                 path, header=0 if header else None, names=columns,
                 usecols=[c for c in columns if c in used], dtype={c: str for c in used & text},
                 na_values=[str(v) for v in dcfg.get("na_values") or []], **options,
+            )  # fmt: skip
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
+    if df.empty:
+        raise DlrunError(f"{path} has no data rows")
+    return df
+
+
+def read_inputs(path: Path, prep: TablePrep, id_col: str | None = None) -> pd.DataFrame:
+    """Rows to predict (`dlrun predict`), read as the training file was (separator, missing-value
+    markers, categorical and date columns as text). Columns are matched by name: in any order,
+    extra ones ignored, the target optional; a missing input column is an error naming it. A
+    training file without a header was read by `data.names`: so is INPUT, unless its first line
+    names the columns."""
+    read = prep.read
+    sep = str(read.get("sep", ","))
+    options: dict[str, Any] = dict(sep=sep.strip() or sep, skipinitialspace=True)
+    first = first_rows(path, options, sep)
+    line = [str(v).strip() for v in first.iloc[0]]
+    names = [str(n) for n in read.get("names") or []]
+    needed = prep.cat_names + prep.cont_names + prep.date_names
+    if read.get("header", True) or set(needed) <= set(line):
+        columns = unique_names(line)
+        if names and read.get("header", True) and len(names) == len(line):
+            columns = names  # training renamed the file's columns with data.names: so does INPUT
+        header: int | None = 0
+    else:
+        header = None
+        columns = names if len(line) == len(names) else [n for n in names if n != prep.y_name]
+        if len(columns) != len(line):
+            raise DlrunError(
+                f"{path} has {len(line)} columns and no header; the run read its file by data.names "
+                f"({len(names)} columns, the target {prep.y_name!r} optional): give the same columns, "
+                f"or add a header line naming them"
+            )
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DlrunError(
+            f"{path} lacks the column(s) {', '.join(map(repr, missing))} the model was trained on: add "
+            f"them (empty cells are read as missing); the model needs {', '.join(needed)}"
+        )
+    if id_col is not None and id_col not in columns:
+        near = closest(id_col, columns)
+        hint = f" (did you mean {near!r}?)" if near else ""
+        raise DlrunError(
+            f"--id {id_col}: {path} has no such column{hint}; its columns are: {', '.join(columns)}"
+        )
+    used = set(needed) | {c for c in (prep.y_name, id_col) if c in columns}
+    text = set(prep.cat_names + prep.date_names) | {c for c in (id_col,) if c}
+    if prep.task == "classification":
+        text.add(prep.y_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.DtypeWarning)
+            df = pd.read_csv(
+                path, header=header, names=columns, usecols=[c for c in columns if c in used],
+                dtype={c: str for c in used & text}, na_values=[str(v) for v in read.get("na_values") or []],
+                **options,
             )  # fmt: skip
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
@@ -515,6 +573,7 @@ class Table:
     classes: list[str] = field(default_factory=list)
     y_name: str = ""
     split: dict[str, dict[str, Any]] = field(default_factory=dict)  # `split_facts`
+    prep: TablePrep | None = None  # how new rows are encoded the same way
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Train and valid arrays: cat_train, cont_train, y_train, cat_valid, cont_valid, y_valid."""
@@ -526,6 +585,135 @@ class Table:
                 self.y[rows],
             )
         return out
+
+
+@dataclass
+class TablePrep:
+    """How raw rows become model inputs, fitted on the training rows and saved as plain JSON in
+    the run directory (`model.json`), so that a trained model can be applied to new rows without
+    its training data: the columns by role, each categorical column's levels in code order (date
+    parts and `<col>_na` flags included), each number's fill value and normalisation, the target."""
+
+    cat_names: list[str]  # the file's categorical columns
+    cont_names: list[str]  # the file's continuous columns
+    date_names: list[str]  # the file's date columns
+    y_name: str
+    task: str  # classification | regression
+    classes: list[str]  # classification: the class of each output
+    log_y: bool  # regression on log(y)
+    y_mean: float | None  # regression: the training target's mean (log scale with log_y)
+    fill: dict[str, float]  # number column -> training median (its gaps are filled with it)
+    mean: dict[str, float]  # number column -> training mean and std after filling
+    std: dict[str, float]
+    flagged: list[str]  # number columns with a `<col>_na` flag column
+    levels: dict[str, list[str]]  # model category column -> levels in code order
+    read: dict[str, Any] = field(default_factory=dict)  # how the file was read: sep, header, names, na_values
+
+    @property
+    def model_cats(self) -> list[str]:
+        """The model's categorical inputs, in order: file columns, date parts, `_na` flags."""
+        return list(self.levels)
+
+    @property
+    def model_conts(self) -> list[str]:
+        """The model's continuous inputs, in order: file columns, then each date's `_elapsed`."""
+        return list(self.fill)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> TablePrep:
+        return cls(**doc)
+
+    def features(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(cat codes int64 [N, n_cat], normalised numbers float32 [N, n_cont]) of raw rows: unseen
+        levels are `#unknown#`, gaps filled with the training median and flagged."""
+        dates = {name: parse_dates(df[name]) for name in self.date_names}
+        return self.encode(df, dates)
+
+    def encode(self, df: pd.DataFrame, dates: dict[str, pd.Series]) -> tuple[np.ndarray, np.ndarray]:
+        return self.encode_columns(*derived_columns(df, dates, self.cat_names, self.cont_names), len(df))
+
+    def encode_columns(
+        self, cats: dict[str, pd.Series], conts: dict[str, pd.Series], n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        cats, cont_cols = dict(cats), []
+        for name in self.model_conts:
+            col = conts[name]
+            if name in self.flagged:
+                cats[f"{name}_na"] = col.isna()
+            filled = col.fillna(self.fill[name]).to_numpy(dtype=np.float64)
+            cont_cols.append((filled - self.mean[name]) / self.std[name])
+        codes = [encode(cats[name], levels) for name, levels in self.levels.items()]
+        return (
+            np.stack(codes, 1) if codes else np.zeros((n, 0), np.int64),
+            np.stack(cont_cols, 1).astype(np.float32) if cont_cols else np.zeros((n, 0), np.float32),
+        )
+
+    def target(self, y_raw: pd.Series) -> np.ndarray:
+        """The target as the model is trained on it: class indices (-1 for a class the run never
+        saw) or float32 values (their log with `log_y`; rows must be checked positive first)."""
+        if self.task == "classification":
+            return pd.Index(self.classes).get_indexer(as_levels(y_raw)).astype(np.int64)
+        y = numbers(y_raw, "data.y_name").to_numpy()
+        return (np.log(y) if self.log_y else y).astype(np.float32)
+
+
+def derived_columns(
+    df: pd.DataFrame, dates: dict[str, pd.Series], cat_names: list[str], cont_names: list[str]
+) -> tuple[dict[str, pd.Series], dict[str, pd.Series]]:
+    """The categorical and number columns before encoding: the file's, then each date's parts
+    (categories) and elapsed seconds (a number)."""
+    cats: dict[str, pd.Series] = {name: df[name] for name in cat_names}
+    conts: dict[str, pd.Series] = {name: numbers(df[name], "data.cont_names") for name in cont_names}
+    for name, d in dates.items():
+        parts, elapsed = date_parts(d, name)
+        cats.update(parts)
+        conts.update(elapsed)
+    return cats, conts
+
+
+def fit_prep(
+    cats: dict[str, pd.Series], conts: dict[str, pd.Series], dcfg: Any, train: np.ndarray
+) -> TablePrep:
+    """Fit the preprocessing of `derived_columns` on the training rows (a `<col>_na` flag exists
+    when the column has gaps anywhere in the table)."""
+    cats = dict(cats)
+    fill, mean, std, flagged = {}, {}, {}, []
+    for name, col in conts.items():
+        gaps = col.isna()
+        median = col[train].median()
+        fill[name] = 0.0 if pd.isna(median) else float(median)
+        filled = col.fillna(fill[name]).to_numpy(dtype=np.float64)
+        if gaps.any():
+            cats[f"{name}_na"] = gaps
+            flagged.append(name)
+        m, s = filled[train].mean(), filled[train].std()
+        mean[name], std[name] = float(m), float(s) if s > 0 else 1.0
+
+    levels = {}
+    n_train = int(train.sum())
+    for name, col in cats.items():
+        levels[name] = fit_levels(col[train])
+        if n_train > 1 and col[train].nunique() >= n_train:
+            log.warning(
+                f"categorical column {name!r} has a different value in every training row "
+                f"({n_train}): an embedding cannot learn from it; it looks like an id (drop it) "
+                f"or a number (move it to data.cont_names)"
+            )
+    read = {
+        "sep": str(dcfg.get("sep", ",")),
+        "header": bool(dcfg.get("header", True)),
+        "names": _names(dcfg, "names") or None,
+        "na_values": [str(v) for v in dcfg.get("na_values") or []],
+    }
+    return TablePrep(
+        cat_names=_names(dcfg, "cat_names"), cont_names=_names(dcfg, "cont_names"),
+        date_names=_names(dcfg, "date_names"), y_name=str(dcfg.y_name), task="", classes=[],
+        log_y=bool(dcfg.get("log_y")), y_mean=None, fill=fill, mean=mean, std=std, flagged=flagged,
+        levels=levels, read=read,
+    )  # fmt: skip
 
 
 def process(df: pd.DataFrame, dcfg: Any) -> Table:
@@ -542,39 +730,9 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
         )
     by = dcfg.get("valid_by")
     split = split_facts(is_valid, dates.get(str(by)) if by is not None else None)
-
-    cats: dict[str, pd.Series] = {name: df[name] for name in _names(dcfg, "cat_names")}
-    conts: dict[str, pd.Series] = {
-        name: numbers(df[name], "data.cont_names") for name in _names(dcfg, "cont_names")
-    }
-    for name, d in dates.items():
-        parts, elapsed = date_parts(d, name)
-        cats.update(parts)
-        conts.update(elapsed)
-
-    # Numbers: fill gaps with the training median, flag them, standardise with training statistics.
-    cont_cols, cont_names = [], []
-    for name, col in conts.items():
-        gaps = col.isna()
-        median = col[train].median()
-        filled = col.fillna(0.0 if pd.isna(median) else median).to_numpy(dtype=np.float64)
-        if gaps.any():
-            cats[f"{name}_na"] = gaps
-        mean, std = filled[train].mean(), filled[train].std()
-        cont_cols.append((filled - mean) / (std if std > 0 else 1.0))
-        cont_names.append(name)
-
-    levels, codes = {}, []
-    n_train = int(train.sum())
-    for name, col in cats.items():
-        levels[name] = fit_levels(col[train])
-        if n_train > 1 and col[train].nunique() >= n_train:
-            log.warning(
-                f"categorical column {name!r} has a different value in every training row "
-                f"({n_train}): an embedding cannot learn from it; it looks like an id (drop it) "
-                f"or a number (move it to data.cont_names)"
-            )
-        codes.append(encode(col, levels[name]))
+    cats, conts = derived_columns(df, dates, _names(dcfg, "cat_names"), _names(dcfg, "cont_names"))
+    prep = fit_prep(cats, conts, dcfg, train)
+    cat, cont = prep.encode_columns(cats, conts, len(df))
 
     y_raw = df[y_name]
     if y_raw.isna().any():
@@ -583,35 +741,32 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
             f"the target data.y_name={y_name!r} is missing in {len(rows)} rows "
             f"(first: data row {rows[0] + 1}): drop those rows from the file or fill them in"
         )
-    task = resolve_task(y_raw, dcfg)
-    classes: list[str] = []
-    if task == "classification":
+    prep.task = resolve_task(y_raw, dcfg)
+    if prep.task == "classification":
         # Classes from all rows: a class seen only in validation still gets an output.
-        classes = fit_levels(y_raw)[1:]
-        if len(classes) < 2:  # every prediction would be right: accuracy 1.0 means nothing
+        prep.classes = fit_levels(y_raw)[1:]
+        if len(prep.classes) < 2:  # every prediction would be right: accuracy 1.0 means nothing
             raise DlrunError(
-                f"the target data.y_name={y_name!r} has one class ({classes[0]!r}) in all {len(df)} rows: "
-                "a classifier needs at least two; check data.y_name (or data.task=regression for a number)"
+                f"the target data.y_name={y_name!r} has one class ({prep.classes[0]!r}) in all {len(df)} "
+                "rows: a classifier needs at least two; check data.y_name "
+                "(or data.task=regression for a number)"
             )
-        y = pd.Index(classes).get_indexer(as_levels(y_raw)).astype(np.int64)
-    else:
+    elif prep.log_y:
         y = numbers(y_raw, "data.y_name").to_numpy()
-        if dcfg.get("log_y"):
-            if (y <= 0).any():
-                row = int(np.flatnonzero(y <= 0)[0])
-                raise DlrunError(
-                    f"data.log_y=true needs a positive target, but {y_name!r} is {y[row]:g} in data row "
-                    f"{row + 1}: drop such rows or set data.log_y=false"
-                )
-            y = np.log(y)
-        y = y.astype(np.float32)
+        if (y <= 0).any():
+            row = int(np.flatnonzero(y <= 0)[0])
+            raise DlrunError(
+                f"data.log_y=true needs a positive target, but {y_name!r} is {y[row]:g} in data row "
+                f"{row + 1}: drop such rows or set data.log_y=false"
+            )
+    y = prep.target(y_raw)
+    if prep.task == "regression":
+        prep.y_mean = float(y[train].mean())
 
-    n = len(df)
     return Table(
-        cat=np.stack(codes, 1) if codes else np.zeros((n, 0), np.int64),
-        cont=np.stack(cont_cols, 1).astype(np.float32) if cont_cols else np.zeros((n, 0), np.float32),
-        y=y, is_valid=is_valid, cat_names=list(cats), cont_names=cont_names, levels=levels,
-        task=task, log_y=bool(dcfg.get("log_y")), classes=classes, y_name=y_name, split=split,
+        cat=cat, cont=cont, y=y, is_valid=is_valid, cat_names=prep.model_cats, cont_names=prep.model_conts,
+        levels=prep.levels, task=prep.task, log_y=prep.log_y, classes=prep.classes, y_name=y_name,
+        split=split, prep=prep,
     )  # fmt: skip
 
 
@@ -679,16 +834,32 @@ class TableFacts(Facts):
 
 def table_facts(table: Table) -> TableFacts:
     """The facts a model is built from, from the processed table."""
-    regression = table.task == "regression"
+    return prep_facts(table.prep)
+
+
+def facts_from(inputs: dict[str, Any]) -> TableFacts:
+    """The facts of a saved table model, from its `Data.inputs` (model.json)."""
+    return prep_facts(saved_prep(inputs))
+
+
+def saved_prep(inputs: dict[str, Any]) -> TablePrep:
+    """The `TablePrep` in a saved model's `Data.inputs`."""
+    fields = {f for f in TablePrep.__dataclass_fields__}
+    return TablePrep.from_json({k: v for k, v in inputs.items() if k in fields})
+
+
+def prep_facts(prep: TablePrep) -> TableFacts:
+    """The facts a model is built from, from the saved preprocessing alone."""
+    regression = prep.task == "regression"
     return TableFacts(
-        n_out=1 if regression else len(table.classes),
-        task=table.task,
-        cat_names=tuple(table.cat_names),
-        levels=table.levels,
-        cont_names=tuple(table.cont_names),
-        classes=tuple(table.classes),
-        log_y=table.log_y,
-        y_mean=float(table.y[~table.is_valid].mean()) if regression else None,
+        n_out=1 if regression else len(prep.classes),
+        task=prep.task,
+        cat_names=tuple(prep.model_cats),
+        levels=prep.levels,
+        cont_names=tuple(prep.model_conts),
+        classes=tuple(prep.classes),
+        log_y=prep.log_y,
+        y_mean=prep.y_mean,
     )
 
 
@@ -727,4 +898,5 @@ def build(cfg: Any, device: torch.device) -> Data:
         facts=table_facts(table),
         unit="rows",
         split=table.split,
+        inputs={"family": "table", "bs": bs, **table.prep.to_json()},
     )

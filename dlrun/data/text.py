@@ -75,6 +75,16 @@ def _read(path: Path) -> str:
     return text
 
 
+def read_text(path: Path) -> str:
+    """A text file to score (`dlrun predict`), as UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DlrunError(f"cannot read {path}: not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+    except OSError as e:
+        raise DlrunError(f"cannot read {path}: {e.strerror}") from None
+
+
 def _bundled(name: str) -> str:
     """The bundled corpus: every pydoc topic's prose, in the module's (fixed) order."""
     if name not in BUNDLED:
@@ -202,21 +212,9 @@ class Vocab:
         if not path.is_file():
             raise DlrunError(f"{path} is missing: RUN_DIR must be the directory of a text run")
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            tokens, itos = doc["tokens"], doc["itos"]
-            tokenizer = doc.get("tokenizer", OLD_TOKENIZER) if tokens == "word" else None
-            valid = (
-                tokens in ("char", "word")
-                and (tokenizer is None or tokenizer in TOKENIZERS)
-                and isinstance(itos, list)
-                and all(isinstance(t, str) for t in itos)
-                and itos[:1] == [UNK]
-            )
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            valid = False
-        if not valid:
-            raise DlrunError(f"{path} is not a dlrun vocabulary: the run directory is damaged")
-        return cls(itos, tokens, tokenizer)
+            return vocab_from(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise DlrunError(f"{path} is not a dlrun vocabulary: the run directory is damaged") from None
 
 
 # --- batches -----------------------------------------------------------------
@@ -336,6 +334,27 @@ def text_facts(vocab: Vocab, bptt: int) -> TextFacts:
     return TextFacts(n_out=len(vocab), tokens=vocab.tokens, bptt=int(bptt))
 
 
+def facts_from(inputs: dict[str, Any]) -> TextFacts:
+    """The facts of a saved language model, from its `Data.inputs` (model.json)."""
+    return text_facts(vocab_from(inputs["vocab"]), inputs["bptt"])
+
+
+def vocab_from(doc: dict[str, Any]) -> Vocab:
+    """A `Vocab` from its `state()`, checked."""
+    tokens, itos = doc["tokens"], doc["itos"]
+    tokenizer = doc.get("tokenizer", OLD_TOKENIZER) if tokens == "word" else None
+    ok = (
+        tokens in ("char", "word")
+        and (tokenizer is None or tokenizer in TOKENIZERS)
+        and isinstance(itos, list)
+        and all(isinstance(t, str) for t in itos)
+        and itos[:1] == [UNK]
+    )
+    if not ok:
+        raise ValueError("not a dlrun vocabulary")
+    return Vocab(itos, tokens, tokenizer)
+
+
 def word_tokenizer(data_cfg: Any) -> str:
     """`data.tokenizer` (a config saved before the key existed split words by regex). It
     splits words: asking for whitespace-separated words with character tokens is a mistake."""
@@ -419,6 +438,7 @@ def build(cfg: Any, device: torch.device) -> Data:
         metrics=lambda: LanguageModelMetrics(chars=vocab.tokens == "char"),
         facts=text_facts(vocab, bptt),
         state={VOCAB_FILE: vocab.state()},
+        inputs={"family": "text", "bptt": bptt, "bs": int(d.bs), "vocab": vocab.state()},
         count=lambda y: y.numel(),  # the loss is a mean over tokens
         unit="tokens",
         # A shorter window has fewer tokens behind its mean loss: AWD-LSTM scales the lr by length/bptt.
