@@ -30,7 +30,7 @@ from dlrun import report, rundir
 from dlrun.errors import DlrunError, parse_args
 
 USAGE = (
-    "dlrun predict RUN_DIR INPUT [-o FILE] [--id COL] [--no-probs] [--top-k K] [--tta] "
+    "dlrun predict RUN_DIR INPUT [-o FILE] [--id COL] [--skip-rows N] [--no-probs] [--top-k K] [--tta] "
     "[--bs N] [--device D] [--weights best|last] [--json FILE]"
 )
 PREDICTIONS = "predictions"  # RUN_DIR/predictions/<input>.csv unless -o says otherwise
@@ -55,6 +55,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--id", default=None, metavar="COL", help="tables: copy this column first (Kaggle's Id)"
     )
     parser.add_argument(
+        "--skip-rows", type=int, default=0, metavar="N", help="tables: lines to skip above the table"
+    )
+    parser.add_argument(
         "--no-probs", dest="probs", action="store_false", help="tables: leave out the class probabilities"
     )
     parser.add_argument("--top-k", type=int, default=3, metavar="K", help="images: classes per image (3)")
@@ -72,6 +75,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parse_args(parser, argv, USAGE)
     if args.bs is not None and args.bs < 1:
         raise DlrunError(f"--bs {args.bs} is not allowed: give a batch size of at least 1")
+    if args.skip_rows < 0:
+        raise DlrunError(f"--skip-rows {args.skip_rows} is not allowed: give 0 or more lines")
     if args.top_k < 1:
         raise DlrunError(f"--top-k {args.top_k} is not allowed: give at least 1")
     return args
@@ -220,7 +225,7 @@ def predict_table(model: Any, source: Path, output: Path, args: argparse.Namespa
     prep = tabular.saved_prep(model.prep)
     if not source.is_file():
         raise DlrunError(f"INPUT {source} is not a file: a table model predicts the rows of one CSV file")
-    df = tabular.read_inputs(source, prep, args.id)
+    df = tabular.read_inputs(source, prep, args.id, args.skip_rows)
     cat, cont = prep.features(df)
     has_y = prep.y_name in df.columns
     y = target_for_metrics(prep, df) if has_y else None

@@ -229,7 +229,7 @@ def read_table(dcfg: Any) -> pd.DataFrame:
     return df
 
 
-def read_inputs(path: Path, prep: TablePrep, id_col: str | None = None) -> pd.DataFrame:
+def read_inputs(path: Path, prep: TablePrep, id_col: str | None = None, skip_rows: int = 0) -> pd.DataFrame:
     """Rows to predict (`dlrun predict`), read as the training file was (separator, missing-value
     markers, categorical and date columns as text). Columns are matched by name: in any order,
     extra ones ignored, the target optional; a missing input column is an error naming it. A
@@ -237,8 +237,13 @@ def read_inputs(path: Path, prep: TablePrep, id_col: str | None = None) -> pd.Da
     names the columns."""
     read = prep.read
     sep = str(read.get("sep", ","))
-    options: dict[str, Any] = dict(sep=sep.strip() or sep, skipinitialspace=True)
-    first = first_rows(path, options, sep)
+    options: dict[str, Any] = dict(sep=sep.strip() or sep, skipinitialspace=True, skiprows=skip_rows or None)
+    try:
+        first = first_rows(path, options, sep)
+    except DlrunError as e:
+        raise DlrunError(
+            f"{e} (lines above the table that are not part of it: skip them with --skip-rows N)"
+        ) from None
     line = [str(v).strip() for v in first.iloc[0]]
     names = [str(n) for n in read.get("names") or []]
     needed = prep.cat_names + prep.cont_names + prep.date_names
@@ -254,7 +259,7 @@ def read_inputs(path: Path, prep: TablePrep, id_col: str | None = None) -> pd.Da
             raise DlrunError(
                 f"{path} has {len(line)} columns and no header; the run read its file by data.names "
                 f"({len(names)} columns, the target {prep.y_name!r} optional): give the same columns, "
-                f"or add a header line naming them"
+                f"add a header line naming them, or skip the lines above the table with --skip-rows"
             )
     missing = [c for c in needed if c not in columns]
     if missing:
