@@ -108,14 +108,17 @@ def read_doc(run_dir: Path) -> dict[str, Any]:
         raise DlrunError(f"{path} is not a dlrun model description: the run directory is damaged")
     if doc.get("format", 0) > FORMAT:
         raise DlrunError(f"{path} was written by a newer dlrun ({doc.get('dlrun')}): upgrade dlrun to use it")
+    bs = doc["preprocess"].get("bs", 1)
+    if not (isinstance(bs, int) and bs >= 1):
+        raise DlrunError(f"{path} has the batch size {bs!r}: the run directory is damaged")
     family = doc["preprocess"].get("family")
     if family not in FAMILIES:
         raise DlrunError(f"{path} names an unknown data family {family!r}: the run directory is damaged")
     return doc
 
 
-def build(doc: dict[str, Any]) -> tuple[torch.nn.Module, Facts]:
-    """The network model.json describes (random weights) and its facts."""
+def build(doc: dict[str, Any], where: str | Path = MODEL_FILE) -> tuple[torch.nn.Module, Facts]:
+    """The network model.json (at `where`) describes, with random weights, and its facts."""
     from omegaconf import OmegaConf
 
     from dlrun.family import build_model
@@ -130,7 +133,7 @@ def build(doc: dict[str, Any]) -> tuple[torch.nn.Module, Facts]:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DlrunError(
-            f"{MODEL_FILE} does not describe a model dlrun can build ({type(e).__name__}: {first_line(e)}): "
+            f"{where} does not describe a model dlrun can build ({type(e).__name__}: {first_line(e)}): "
             "the run directory is damaged"
         ) from None
 
@@ -144,6 +147,6 @@ def load(run_dir: str | Path, weights: str = rundir.BEST, device: str = "auto") 
         raise DlrunError(f"run directory {run_dir} does not exist: give a directory that `dlrun train` wrote")
     doc = read_doc(path)
     dev = pick_device(device)
-    model, facts = build(doc)
+    model, facts = build(doc, path / MODEL_FILE)
     rundir.load_weights(model, path, weights, dev)
     return Saved(path, doc, model.to(dev).eval(), facts, dev)

@@ -202,6 +202,21 @@ def test_a_run_without_model_json_gets_a_clear_error(people_run, tmp_path: Path)
     assert_user_error(dlrun("predict", str(old), str(valid)), "model.json", "damaged")
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("fill", {"age": "abc"}), ("levels", {"job": [1, 2]}), ("classes", "ab"), ("task", None), ("bs", "x")],
+)
+def test_a_tampered_model_json_is_refused(people_run, tmp_path: Path, field: str, value) -> None:
+    run, valid, _, _ = people_run
+    bad = tmp_path / "tampered"
+    shutil.copytree(run, bad)
+    doc = json.loads((bad / "model.json").read_text())
+    prep = doc["preprocess"]
+    prep[field] = {**prep[field], **value} if isinstance(value, dict) else value
+    (bad / "model.json").write_text(json.dumps(doc))
+    assert_user_error(dlrun("predict", str(bad), str(valid)), "model.json", "damaged")
+
+
 def test_predict_user_errors(people_run, tmp_path: Path) -> None:
     run, valid, _, _ = people_run
     assert_user_error(dlrun("predict", str(run), str(tmp_path / "nope.csv")), "does not exist")

@@ -629,7 +629,29 @@ class TablePrep:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TablePrep:
-        return cls(**doc)
+        """The preprocessing `to_json` wrote; ValueError when a field is missing or of another type."""
+        prep = cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc or k != "read"})
+        texts = lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        numbers_of = lambda d: isinstance(d, dict) and all(number(v) for v in d.values())
+        ok = (
+            all(
+                texts(v)
+                for v in (prep.cat_names, prep.cont_names, prep.date_names, prep.classes, prep.flagged)
+            )
+            and isinstance(prep.y_name, str)
+            and prep.task in ("classification", "regression")
+            and (prep.task == "regression" or len(prep.classes) >= 2)
+            and isinstance(prep.log_y, bool)
+            and (prep.y_mean is None or number(prep.y_mean))
+            and all(numbers_of(d) and set(d) == set(prep.fill) for d in (prep.fill, prep.mean, prep.std))
+            and isinstance(prep.levels, dict)
+            and all(texts(v) and v[:1] == [UNKNOWN] for v in prep.levels.values())
+            and isinstance(prep.read, dict)
+        )
+        if not ok:
+            raise ValueError("a field of the table's preprocessing is missing or of the wrong type")
+        return prep
 
     def features(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(cat codes int64 [N, n_cat], normalised numbers float32 [N, n_cont]) of raw rows: unseen
