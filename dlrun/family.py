@@ -13,6 +13,10 @@ A family is a data module and a model module, each with its YAML file:
   A model that carries state from one batch to the next defines `carried_state()` (that
   state as tensors in plain lists, tuples and dicts, or None) and `load_carried_state(state)`:
   the checkpoint holds it, so a run resumed mid-epoch continues exactly where it stopped.
+- A model module may define `layer_groups(model) -> list[list[nn.Module | nn.Parameter]]`: the
+  network's layers from the input side to the head (body stages..., head), the one place a
+  family says how it splits. Discriminative rates (`optimizer.lr_mult`) and freezing
+  (`finetune.freeze_epochs`: all but the last group) use it; without it a model is one group.
 - Either module may define `RULES: dict[str, Rule]` (`dlrun.config.Rule`), the value checks of
   its own config keys, run before any work.
 - A metrics object names its `monitor` and whether that is better lower or higher (`mode`).
@@ -138,6 +142,29 @@ def build_data(cfg: Any, device: torch.device) -> Data:
 def build_model(cfg: Any, facts: Facts) -> torch.nn.Module:
     """Build the model named by `cfg.model.name` from the data's facts."""
     return MODELS.get(cfg.model.name).build(cfg, facts)
+
+
+def layer_groups(cfg: Any, model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """The model's parameters in its layer groups, input side first, head last (the model
+    module's `layer_groups`, else one group). Each parameter is in one group only: a weight
+    tied between two layers (an LM's embedding and decoder) stays in the first; parameters no
+    group names join the head."""
+    import torch
+
+    split = getattr(MODELS.get(cfg.model.name), "layer_groups", None)
+    parts = split(model) if split is not None else [[model]]
+    seen: set[int] = set()
+    groups: list[list[torch.nn.Parameter]] = []
+    for part in parts:
+        params = []
+        for item in part:
+            for p in item.parameters() if isinstance(item, torch.nn.Module) else [item]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        groups.append(params)
+    groups[-1] += [p for p in model.parameters() if id(p) not in seen]
+    return [g for g in groups if g]
 
 
 def dropout(reg: Any, model: str, layers: int | None = None) -> list[float] | float:

@@ -60,7 +60,7 @@ def dlrun_steps(cfg) -> list[torch.Tensor]:
 
 def torch_steps(make_opt) -> list[torch.Tensor]:
     model = make_model()
-    groups = param_groups(model, 0.1)
+    groups = param_groups(list(model.parameters()), 0.1)
     opt = make_opt([{"params": g["params"], "weight_decay": g["wd"]} for g in groups])
     return run_steps(model, opt.step)
 
@@ -121,3 +121,62 @@ def test_biases_and_norm_parameters_are_not_decayed(mode):
             assert torch.allclose(p, before[name] * (1 - 0.1 * 0.5)), name
         else:
             assert torch.equal(p, before[name]), name
+
+
+# --- layer groups and discriminative rates (optimizer.lr_mult) -----------------------
+
+
+def tabular_config(lr_mult: float, wd_mode: str = "decoupled"):
+    cfg = config("adamw", wd_mode, wd=0.5, lr=0.1)
+    cfg.optimizer.lr_mult = lr_mult
+    cfg.model = {"name": "tabular"}
+    return cfg
+
+
+def tabular_net():
+    from dlrun.models.tabular import TabularNet
+
+    torch.manual_seed(0)
+    return TabularNet(
+        n_levels=[4, 5], emb_szs=[3, 3], n_cont=2, layers=[8], dropout=[0.0], emb_dropout=0.0, n_out=2
+    )
+
+
+def test_layer_groups_cover_every_parameter_once_head_last():
+    from dlrun.family import layer_groups
+
+    model = tabular_net()
+    groups = layer_groups(tabular_config(0.01), model)
+    assert len(groups) == 3
+    flat = [id(p) for g in groups for p in g]
+    assert sorted(flat) == sorted(id(p) for p in model.parameters())
+    assert [id(p) for p in groups[-1]] == [id(p) for p in model.head.parameters()]
+    assert id(model.embeds[0].weight) in {id(p) for p in groups[0]}
+
+
+@pytest.mark.parametrize("wd_mode", ["l2", "decoupled"])
+def test_lr_mult_spreads_rates_geometrically_from_first_group_to_head(wd_mode):
+    from dlrun.optim import set_hyper
+
+    model = tabular_net()
+    opt, decay = build_optimizer(tabular_config(0.01, wd_mode), model, torch.device("cpu"))
+    set_hyper(opt, 0.1, None)
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rate[id(model.embeds[0].weight)] == pytest.approx(0.1 * 0.01)
+    assert rate[id(model.layers[0].weight)] == pytest.approx(0.1 * 0.1)  # 0.01 ** (1/2)
+    assert rate[id(model.head.weight)] == pytest.approx(0.1)
+    if decay is not None:  # each group's weights decay at its own rate
+        head, emb = model.head.weight.detach().clone(), model.embeds[0].weight.detach().clone()
+        decay.apply(0.1)
+        assert torch.allclose(model.head.weight, head * (1 - 0.1 * 0.5))
+        assert torch.allclose(model.embeds[0].weight, emb * (1 - 0.001 * 0.5))
+
+
+def test_frozen_parameters_are_not_decayed():
+    model = tabular_net()
+    opt, decay = build_optimizer(tabular_config(0.01), model, torch.device("cpu"))
+    model.embeds[0].weight.requires_grad_(False)
+    decay.refresh()
+    before = model.embeds[0].weight.detach().clone()
+    decay.apply(0.1)
+    assert torch.equal(model.embeds[0].weight, before)

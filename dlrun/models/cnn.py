@@ -90,6 +90,13 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
+def layer_groups(model: CNN) -> list[list[nn.Module]]:
+    """The first half of the feature blocks, the second half, the head."""
+    blocks = list(model.features)
+    half = len(blocks) // 2
+    return [blocks[:half], blocks[half:], [model.head]]
+
+
 def build(cfg: DictConfig, facts: ImageFacts) -> CNN:
     """The CNN sized for the images (channels, classes, size)."""
     m = cfg.model

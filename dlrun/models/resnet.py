@@ -60,6 +60,11 @@ def build(cfg: "DictConfig", facts: "ImageFacts") -> nn.Module:
     return model
 
 
+def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """As fastai splits a ResNet: stem and the first two stages, the last two stages, the head."""
+    return [[model.conv1, model.bn1, model.layer1, model.layer2], [model.layer3, model.layer4], [model.fc]]
+
+
 def weights_file(arch: str, weights_path: str | None) -> Path:
     """The local pretrained weights: `model.weights_path`, else torchvision's file in the hub cache."""
     if weights_path:

@@ -248,6 +248,12 @@ def dropouts(reg: Any) -> dict[str, float]:
     return {site: strength * float(factors.get(site, 1.0)) for site in SITES}
 
 
+def layer_groups(model: RNNLanguageModel) -> list[list[nn.Module]]:
+    """The embedding, each recurrent layer, the decoder (ULMFiT's groups; a tied decoder
+    weight stays with the embedding)."""
+    return [[model.encoder], *([layer] for layer in model.layers), [model.decoder]]
+
+
 def build(cfg: Any, facts: TextFacts) -> nn.Module:
     """The language model named by `cfg.model`, sized for the vocabulary."""
     m, reg = cfg.model, cfg.regularization

@@ -88,6 +88,12 @@ def embedding_sizes(facts: TableFacts, overrides: dict[str, int]) -> list[int]:
     return [int(overrides.get(name, emb_size(n))) for name, n in zip(facts.cat_names, facts.n_levels)]
 
 
+def layer_groups(model: TabularNet) -> list[list[nn.Module]]:
+    """Embeddings (and the continuous inputs' batch norm), the hidden layers, the head."""
+    inputs = [model.embeds] + ([model.bn_cont] if model.bn_cont is not None else [])
+    return [inputs, [model.layers], [model.head]]
+
+
 def build(cfg: Any, facts: TableFacts) -> nn.Module:
     """The tabular net for the table's columns and outputs."""
     m, reg = cfg.model, cfg.regularization

@@ -153,6 +153,12 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def layer_groups(model: TransformerLanguageModel) -> list[list[nn.Module]]:
+    """The embeddings, the blocks, the final norm and the decoder (a tied decoder weight stays
+    with the token embedding)."""
+    return [[model.tok_emb, model.pos_emb], [model.blocks], [model.ln_f, model.decoder]]
+
+
 def build(cfg: Any, facts: TextFacts) -> nn.Module:
     """The Transformer named by `cfg.model`, for the vocabulary, with room for windows of
     about `data.bptt` tokens."""
