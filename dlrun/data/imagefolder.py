@@ -38,8 +38,8 @@ RULES = {
     **images.RULES,
     "data.path": Rule("str", nullable=True),
     "data.num_workers": Int(0),
-    "data.mean": Float(each=True),
-    "data.std": Float(0, lo_open=True, each=True),
+    "data.mean": Float(each=True, nullable=True),
+    "data.std": Float(0, lo_open=True, each=True, nullable=True),
 }
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -51,11 +51,11 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
     d = cfg.data
     train_items, valid_items, classes = find_images(d.path, d.valid_pct, d.split_seed)
     check_readable([path for path, _ in train_items + valid_items])
-    mean, std = list(d.mean), list(d.std)
+    size, mean, std = input_config(cfg)
     if len(mean) != 3 or len(std) != 3:
         raise DlrunError(f"data.mean={mean} and data.std={std} need 3 values each, one per RGB channel")
     workers = min(d.num_workers, os.cpu_count() or 1)  # more processes than cores only add contention
-    aug, size = d.augment, d.size or 224
+    aug = d.augment
     loader = dict(bs=d.bs, device=device, mean=mean, std=std, num_workers=workers)
     train = LoaderBatches(
         ImageFiles(train_items, size, train=True, scale_min=aug.scale_min, flip=aug.flip),
@@ -93,6 +93,23 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
             facts, "files", int(d.bs), {"flip": bool(aug.flip), "scale_min": float(aug.scale_min)}
         ),
     )
+
+
+IMAGENET = {"size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def input_config(cfg: DictConfig) -> tuple[int, list[float], list[float]]:
+    """Image size, mean and std: the config's, else the model's (`input_config(model_cfg)` of
+    its module: timm's pretrained config), else ImageNet's at 224 pixels."""
+    from dlrun.family import MODELS
+
+    d = cfg.data
+    model_input = getattr(MODELS.get(cfg.model.name), "input_config", None)
+    default = model_input(cfg.model) if model_input is not None else IMAGENET
+    size = int(d.size) if d.get("size") else int(default["size"])
+    mean = [float(v) for v in d.mean] if d.get("mean") is not None else list(default["mean"])
+    std = [float(v) for v in d.std] if d.get("std") is not None else list(default["std"])
+    return size, mean, std
 
 
 # --- finding the images -----------------------------------------------------
