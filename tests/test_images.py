@@ -299,12 +299,20 @@ def test_resnet_keeps_imagenet_stem_for_large_inputs():
 
 
 def test_resnet_pretrained_weights_missing_say_where_to_put_them(tmp_path, monkeypatch):
+    import urllib.error
+
+    from dlrun.models import resnet
     from dlrun.models.resnet import build
 
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(type(resnet.WEIGHTS["resnet18"]), "get_state_dict", offline)  # never the network
     with pytest.raises(DlrunError) as err:
         build(config("model=resnet", "model.pretrained=true"), fake_data(3, 32))
     message = str(err.value)
+    assert "cannot be fetched (offline?)" in message
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
     assert "model.weights_path" in message and "model.pretrained=false" in message
@@ -313,6 +321,25 @@ def test_resnet_pretrained_weights_missing_say_where_to_put_them(tmp_path, monke
             config("model=resnet", "model.pretrained=true", f"model.weights_path={tmp_path}/x.pth"),
             fake_data(3, 32),
         )
+
+
+def test_resnet_fetches_missing_weights_through_torchvision(tmp_path, monkeypatch):
+    """Online, torchvision's weights API downloads the file into the hub cache (faked here: it
+    writes a random-init state dict where torch.hub would), and the model loads it from there."""
+    from dlrun.models import resnet
+
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    cache = tmp_path / "hub" / "checkpoints"
+
+    def fetch(self, progress=True, check_hash=False):
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(state, cache / self.url.rsplit("/", 1)[-1])
+        return state
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(type(resnet.WEIGHTS["resnet18"]), "get_state_dict", fetch)
+    model = resnet.build(config("model=resnet", "model.pretrained=true"), fake_data(3, 32))
+    assert torch.equal(model.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
 
 
 def test_resnet_loads_local_weights(tmp_path, monkeypatch):

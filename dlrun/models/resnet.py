@@ -3,8 +3,9 @@
 The classifier is replaced by dropout (`regularization.dropout`) and a linear
 layer for the data's classes. Inputs under 64 pixels get a 3x3 stride-1
 stem without max-pooling (the CIFAR ResNet stem), so 8x8 digits and 28x28 MNIST
-keep enough resolution for the four stages. Pretrained ImageNet weights are
-read from local files only: dlrun never downloads a model.
+keep enough resolution for the four stages. Pretrained ImageNet weights come from
+`model.weights_path` or torchvision's file in the torch hub cache, which torchvision's weights
+API fills when the machine is online.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
 
 
 def weights_file(arch: str, weights_path: str | None) -> Path:
-    """The local pretrained weights: `model.weights_path`, else torchvision's file in the hub cache."""
+    """The pretrained weights file: `model.weights_path`, else torchvision's file in the torch hub
+    cache, fetched there by torchvision's weights API when it is missing and the machine is online."""
     if weights_path:
         path = Path(weights_path).expanduser()
         if not path.is_file():
@@ -75,16 +77,36 @@ def weights_file(arch: str, weights_path: str | None) -> Path:
     url = WEIGHTS[arch].url
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if not path.is_file():
-        raise DlrunError(
-            f"model.pretrained=true but the {arch} ImageNet weights are not on this machine: "
-            f"download {url} and put it at {path} (or set model.weights_path=FILE), "
-            f"or train from scratch with model.pretrained=false"
-        )
+        try:
+            WEIGHTS[arch].get_state_dict(progress=False)  # torch.hub's download, into that cache
+        except OSError:  # URLError, socket and HTTP errors: no network, or no way to this host
+            raise DlrunError(
+                f"model.pretrained=true but the {arch} ImageNet weights are not on this machine and "
+                f"cannot be fetched (offline?): download {url} and put it at {path} (or set "
+                f"model.weights_path=FILE), or train from scratch with model.pretrained=false"
+            ) from None
     return path
 
 
 def load_pretrained(model: nn.Module, path: Path) -> None:
     """Load a torchvision state dict; its classifier (`fc.*`) is dropped, since ours has other classes."""
+    state = read_weights(path)
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items() if not k.startswith("fc.")}
+    wanted = {k for k in model.state_dict() if not k.startswith("fc.")}
+    missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
+    if missing or unexpected:
+        raise DlrunError(
+            f"{path} does not fit a {type(model).__name__} of this arch "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): check model.arch"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: weights of another arch under the same names
+        raise DlrunError(f"{path} does not fit model.arch: {str(e).splitlines()[-1].strip()}") from None
+
+
+def read_weights(path: Path) -> dict:
+    """A state dict from a weights file (a dlrun checkpoint's "model" too), tensors only."""
     try:
         with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it
             warnings.simplefilter("ignore", UserWarning)
@@ -98,18 +120,7 @@ def load_pretrained(model: nn.Module, path: Path) -> None:
         state = state["model"]  # a dlrun checkpoint (best.pt) keeps the weights under "model"
     if not isinstance(state, dict):
         raise DlrunError(f"{path} does not hold a state dict of weights")
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items() if not k.startswith("fc.")}
-    wanted = {k for k in model.state_dict() if not k.startswith("fc.")}
-    missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
-    if missing or unexpected:
-        raise DlrunError(
-            f"{path} does not fit a {type(model).__name__} of this arch "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): check model.arch"
-        )
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches: weights of another arch under the same names
-        raise DlrunError(f"{path} does not fit model.arch: {str(e).splitlines()[-1].strip()}") from None
+    return state
 
 
 def fit_stem(conv: nn.Conv2d, in_channels: int, small: bool) -> nn.Conv2d:
