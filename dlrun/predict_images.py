@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
 from dlrun import predict as prediction
@@ -61,7 +61,7 @@ def predict(model: Any, source: Path, output: Path, args: argparse.Namespace) ->
         outs, scores = prediction.run(net, batches, math.ceil(len(paths) / bs), "images", loss, metrics)
     if not done:
         raise DlrunError(
-            f"none of the {len(paths)} image(s) in {source} could be read, e.g. {skipped[0]}: "
+            f"none of the {len(skipped)} image(s) in {source} could be read, e.g. {skipped[0]}: "
             f"give image files PIL can open ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     probs = torch.softmax(torch.cat(outs), -1)
@@ -136,12 +136,17 @@ def list_file(source: Path) -> list[tuple[Path, int]]:
 
 
 def folder_labels(source: Path, paths: list[Path], classes: list[str]) -> list[int] | None:
-    """Each image's class when every image is under a folder of INPUT named after a class."""
-    index = {c: i for i, c in enumerate(classes)}
-    tops = [p.relative_to(source).parts for p in paths]
-    if all(len(parts) > 1 and parts[0] in index for parts in tops):
-        return [index[parts[0]] for parts in tops]
-    return None
+    """Each image's class when every image is under a folder of INPUT named after a class (a
+    class with a slash, Fashion-MNIST's `T-shirt/top`, is a folder in a folder)."""
+    folders = {tuple(c.split("/")): i for i, c in enumerate(classes)}
+    labels = []
+    for path in paths:
+        parts = path.relative_to(source).parts
+        label = next((folders[parts[:n]] for n in range(1, len(parts)) if parts[:n] in folders), None)
+        if label is None:
+            return None
+        labels.append(label)
+    return labels
 
 
 # --- reading pixels as validation did ---------------------------------------------------
@@ -163,6 +168,8 @@ def read_batches(
     def read(path: Path) -> list[torch.Tensor] | str:
         try:
             return pixels.read(path)
+        except UnidentifiedImageError:
+            return f"{path} (not an image file PIL can read)"
         except Exception as e:  # PIL raises several types for broken or truncated files
             return f"{path} ({first_line(e)})"
 

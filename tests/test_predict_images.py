@@ -90,7 +90,7 @@ def test_broken_file_is_skipped_and_named_and_top_k(folder_run, tmp_path, capsys
     out = predict(run, pics, "--top-k", "1", "-o", str(tmp_path / "out.csv"), capsys=capsys)
     rows = read_csv(tmp_path / "out.csv")
     assert len(rows) == out["rows"] == 23 and str(broken) not in [r["path"] for r in rows]
-    assert len(out["skipped"]) == 1 and out["skipped"][0].startswith(f"{broken} (")
+    assert out["skipped"] == [f"{broken} (not an image file PIL can read)"]
     assert str(broken) in out["stderr"] and "skipped 1" in out["stderr"]
     assert list(rows[0]) == ["path", "prediction", "probability", "label"]
     assert 0 <= out["metrics"]["accuracy"] <= 1  # the 23 images read, with their labels
@@ -101,6 +101,31 @@ def test_broken_file_is_skipped_and_named_and_top_k(folder_run, tmp_path, capsys
     (row,) = read_csv(tmp_path / "one.csv")
     assert list(row) == ["path", "prediction", "probability", "class_2", "prob_2"]  # 2 classes at most
     assert out["metrics"] == {} and f"001.jpg: {row['prediction']}" in out["stdout"]
+
+
+def test_labels_only_when_every_image_is_in_a_class_folder(folder_run, tmp_path, capsys):
+    from dlrun.predict_images import folder_labels
+
+    run, data, _ = folder_run
+    pics = tmp_path / "pics"
+    shutil.copytree(data / "valid", pics)
+    shutil.copy(pics / "red" / "000.jpg", pics / "loose.jpg")
+    out = predict(run, pics, capsys=capsys)
+    assert (
+        out["rows"] == 9
+        and out["metrics"] == {}
+        and "label" not in read_csv(run / "predictions" / "pics.csv")[0]
+    )
+    assert (
+        "no accuracy: it is measured when every image is in a folder named after a class (blue, red)"
+        in out["stdout"]
+    )
+
+    # A class name with a slash is a folder in a folder (Fashion-MNIST's T-shirt/top).
+    classes = ["T-shirt/top", "Bag"]
+    paths = [tmp_path / "T-shirt" / "top" / "a.png", tmp_path / "Bag" / "more" / "b.png"]
+    assert folder_labels(tmp_path, paths, classes) == [0, 1]
+    assert folder_labels(tmp_path, paths + [tmp_path / "T-shirt" / "c.png"], classes) is None
 
 
 def test_tta_reports_what_it_changed(folder_run):
@@ -190,6 +215,11 @@ def test_inputs_that_are_no_images_are_refused(folder_run, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(DlrunError, match=r"none of the 1 image\(s\) .* e.g. .*bad.png"):
         predict(run, tmp_path / "bad.png")
+    (tmp_path / "gone.txt").write_text("gone.png\nlost.png\n")
+    with pytest.raises(
+        DlrunError, match=r"none of the 2 image\(s\) .* e.g. .*gone.png \(no such file, line 1"
+    ):
+        predict(run, tmp_path / "gone.txt")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DlrunError, match="empty.txt names no images"):
         predict(run, tmp_path / "empty.txt")
