@@ -496,8 +496,8 @@ def warn(message: str) -> None:
 # --- any path a shell can pass --------------------------------------------------------
 
 # Keys whose value is a file or folder: `resume`, `data.path`, `data.root`, `model.weights_path`,
-# `hydra.run.dir`, `hydra.sweep.dir`... Their values are taken as the shell passed them.
-PATH_LEAVES = ("path", "root", "dir", "weights_path")
+# `model.init_from`, `hydra.run.dir`, `hydra.sweep.dir`... Their values are taken as the shell passed them.
+PATH_LEAVES = ("path", "root", "dir", "weights_path", "init_from")
 # Hydra flags whose next word is their value, not an override.
 VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--package", "-p"}
 # Hydra runs one of these per command (its own check ends in a traceback).

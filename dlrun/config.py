@@ -31,7 +31,9 @@ RULES: dict[str, Rule] = {
     # data, every kind
     "data.bs": Int(1),
     "data.valid_pct": Float(0, 1, lo_open=True),
-    # regularization, every model (a model family adds its own keys)
+    # every model (a model family adds its own keys)
+    "model.init_from": Rule("str", nullable=True),
+    # regularization, every model
     "regularization.dropout": Rule("float", 0, 1, each=True),
     "regularization.wd": Float(0),
     "regularization.wd_mode": Choice("decoupled", "l2"),

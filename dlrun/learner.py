@@ -9,6 +9,7 @@ clip, decoupled weight decay, optimizer step. The loss stays on the device.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from omegaconf import DictConfig
 from dlrun.errors import DlrunError
 from dlrun.family import Data, build_data, build_model
 from dlrun.optim import DecoupledDecay, build_optimizer, set_hyper
+
+log = logging.getLogger("dlrun")
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,13 +98,30 @@ class Learner:
             load(state)
 
 
+def start_from(model: torch.nn.Module, run_dir: str) -> None:
+    """`model.init_from`: another run's weights where they fit, and say which did not."""
+    from dlrun import report, saved
+
+    loaded, left = saved.init_from(model, run_dir)
+    line = f"model.init_from: loaded {len(loaded)} of {len(loaded) + len(left)} tensors from {run_dir}"
+    if left:
+        line += f"; left as initialised: {', '.join(left[:6])}" + (
+            f" (+{len(left) - 6} more)" if len(left) > 6 else ""
+        )
+    log.info(line)
+    report.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def prepare(cfg: DictConfig) -> Learner:
     """Seed, pick the device and precision, build data, model and optimizer."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.trainer.device)
     precision, autocast, scaler = pick_precision(str(cfg.trainer.precision), device)
     data = build_data(cfg, device)
-    model = build_model(cfg, data.facts).to(device)
+    model = build_model(cfg, data.facts)
+    if cfg.model.get("init_from") and not cfg.get("resume"):
+        start_from(model, cfg.model.init_from)
+    model = model.to(device)
     if device.type == "cuda" and cfg.model.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
     optimizer, decay = build_optimizer(cfg, model, device)
