@@ -20,7 +20,9 @@ from dlrun.rules import BOOL, POSITIVE, Choice, Float, Int, Rule
 
 __all__ = ["configs_dir", "group_options", "validate"]
 
-GROUPS = ("data", "model", "optimizer", "regularization", "schedule", "trainer", "experiment", "lr_find")
+GROUPS = (
+    "data", "model", "optimizer", "regularization", "schedule", "trainer", "finetune", "experiment", "lr_find",
+)  # fmt: skip
 # The groups a run can do without (`~experiment`); deleting any other is refused.
 OPTIONAL_GROUPS = ("experiment",)
 
@@ -49,6 +51,10 @@ RULES: dict[str, Rule] = {
     "trainer.progress": BOOL,
     "trainer.log_seconds": Float(0, nullable=True),
     "trainer.checkpoint": BOOL,
+    # fine-tuning phases
+    "finetune.freeze_epochs": Int(0),
+    "finetune.train_bn": BOOL,
+    "finetune.lr_div": Float(0, lo_open=True),
     # lr finder
     "lr_find.start_lr": POSITIVE,
     "lr_find.end_lr": POSITIVE,
