@@ -20,9 +20,8 @@ from dlrun.rules import BOOL, POSITIVE, Choice, Float, Int, Rule
 
 __all__ = ["configs_dir", "group_options", "validate"]
 
-GROUPS = (
-    "data", "model", "optimizer", "regularization", "schedule", "trainer", "finetune", "experiment", "lr_find",
-)  # fmt: skip
+GROUPS = ("data", "model", "optimizer", "regularization", "schedule", "trainer", "finetune")
+GROUPS += ("experiment", "lr_find")
 # The groups a run can do without (`~experiment`); deleting any other is refused.
 OPTIONAL_GROUPS = ("experiment",)
 
