@@ -20,8 +20,17 @@ from dlrun.rules import BOOL, POSITIVE, Choice, Float, Int, Rule
 
 __all__ = ["configs_dir", "group_options", "validate"]
 
-GROUPS = ("data", "model", "optimizer", "regularization", "schedule", "trainer", "finetune")
-GROUPS += ("experiment", "lr_find")
+GROUPS = (
+    "data",
+    "model",
+    "optimizer",
+    "regularization",
+    "schedule",
+    "trainer",
+    "finetune",
+    "experiment",
+    "lr_find",
+)
 # The groups a run can do without (`~experiment`); deleting any other is refused.
 OPTIONAL_GROUPS = ("experiment",)
 
