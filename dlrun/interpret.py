@@ -412,16 +412,15 @@ def plot_residuals(
     plt = pyplot()
     shown = rows[:MAX_LEVELS]
     groups = [residual[levels == lv] for lv, *_ in shown]
-    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.35 * len(shown) + 1.5)))
-    ax.boxplot(groups, vert=False, showmeans=True, flierprops={"markersize": 2})
-    ax.set_yticks(range(1, len(shown) + 1), [f"{short(lv)} ({k})" for lv, k, *_ in shown])
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", linewidth=1)
-    ax.set_xlabel(f"residual: actual - predicted {y_name}")
-    ax.set_ylabel(f"{column} (validation rows)")
-    more = f" (the {len(shown)} most frequent of {len(rows)} levels)" if len(rows) > len(shown) else ""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(shown) + 2), 5))
+    ax.boxplot(groups, showmeans=True, flierprops={"markersize": 2})
+    ax.set_xticks(range(1, len(shown) + 1), [f"{short(lv)} ({k})" for lv, k, *_ in shown], rotation=90)
+    ax.axhline(0, color="black", linewidth=1)
+    ax.set_ylabel(f"actual - predicted {y_name}")
+    ax.set_xlabel(f"{column} (validation rows)")
+    more = f"\n(the {len(shown)} most frequent of {len(rows)} levels)" if len(rows) > len(shown) else ""
     ax.set_title(f"residuals by {column}{more}")
-    ax.grid(axis="x", alpha=0.3)
+    ax.grid(axis="y", alpha=0.3)
     save(fig, path)
 
 
