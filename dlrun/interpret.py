@@ -26,6 +26,7 @@ from typing import Any
 
 from dlrun import report, rundir
 from dlrun.errors import DlrunError, parse_args
+from dlrun.predict import BAR_AFTER, write_csv
 
 USAGE = "dlrun interpret RUN_DIR [-o DIR] [--top N] [--weights best|last] [--device D]"
 FOLDER = "interpret"  # RUN_DIR/interpret/ unless -o says otherwise
@@ -77,9 +78,14 @@ def main(argv: list[str]) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DlrunError(f"-o {out_dir} is a file: give a folder to write the plots and tables into")
     learner = rebuild(str(path), weights, args.device)
-    task = getattr(learner.data.facts, "task", "classification")
-    table = learner.data.inputs.get("family") == "table"
-    items = collect(learner, task, args.top if not table and task == "classification" else 0)
+    family = learner.data.inputs.get("family")
+    if family not in ("images", "table"):
+        raise DlrunError(
+            f"{args.run_dir} trained on data.kind={cfg.data.kind}: dlrun interpret knows image and table runs"
+        )
+    table = family == "table"
+    task = learner.data.facts.task if table else "classification"
+    items = collect(learner, task, 0 if table else args.top)
     out_dir.mkdir(parents=True, exist_ok=True)
     if task == "classification":
         written = classification(items, learner.data, out_dir, args.top, cfg.data if table else None)
@@ -122,7 +128,8 @@ def collect(learner: Any, task: str, keep: int) -> Items:
     outs, ys, losses = [], [], []
     worst, worst_loss, worst_x = torch.zeros(0, dtype=torch.long), torch.zeros(0), None
     seen = 0
-    with report.bar(len(valid) if len(valid) >= 20 else 0, "validation batches") as advance, torch.no_grad():
+    bar = report.bar(len(valid) if len(valid) >= BAR_AFTER else 0, "validation batches")
+    with bar as advance, torch.no_grad():
         for x, y in valid.epoch(0):
             with learner.autocast():
                 out = learner.model(x)
@@ -147,62 +154,65 @@ def collect(learner: Any, task: str, keep: int) -> Items:
 
 
 def classification(items: Items, data: Any, out_dir: Path, top: int, table_cfg: Any) -> list[str]:
-    """Confusion matrix, most confused pairs and top losses; returns the files written."""
-    import numpy as np
-
-    from dlrun.predict import write_csv
-
+    """Confusion matrix, most confused pairs and top losses (`table_cfg`: a table's data config,
+    None for images); returns the files written."""
     classes = list(data.facts.classes)
     probs = items.out.softmax(-1)
     pred = probs.argmax(-1).numpy()
     actual = items.y.numpy()
     cm = confusion(actual, pred, len(classes))
-    n = int(cm.sum())
     write_csv(out_dir / "confusion.csv", ["actual \\ predicted", *classes], (
         [c, *row] for c, row in zip(classes, cm.tolist())
     ))  # fmt: skip
     plot_confusion(cm, classes, out_dir / "confusion.png")
     pairs = most_confused(cm, classes)
     write_csv(out_dir / "most_confused.csv", ["actual", "predicted", "count"], pairs)
-    what = "rows" if table_cfg is not None else data.unit
-    accuracy = float(np.trace(cm)) / max(n, 1)
-    out = report.console
-    out.print(f"accuracy {report.fmt(accuracy)} on {n} validation {what}", markup=False, highlight=False)
-    if pairs:
-        shown = report.table(
-            f"most confused ({n - int(np.trace(cm))} mistakes)",
-            ["actual", "predicted", "count"],
-            pairs[:SHOW_PAIRS],
-        )
-        out.print(shown)
-    else:
-        out.print("no validation item is misclassified", markup=False)
+    tell_confusion(cm, pairs, "rows" if table_cfg is not None else data.unit)
     written = ["confusion.csv", "confusion.png", "most_confused.csv"]
     order = items.loss.argsort(descending=True, stable=True)[:top].numpy()
-    prob_pred = probs.max(-1).values.numpy()
-    rows = {
+    worst = {
         "actual": [classes[i] for i in actual[order]],
         "predicted": [classes[i] for i in pred[order]],
         "loss": items.loss.numpy()[order],
-        "probability": prob_pred[order],
+        "probability": probs.max(-1).values.numpy()[order],  # of the prediction, as fastai shows it
     }
     if table_cfg is not None:
-        write_table_rows(valid_rows(table_cfg, len(actual)), order, rows, out_dir / "top_losses.csv")
+        write_table_rows(valid_rows(table_cfg, len(actual)), order, worst, out_dir / "top_losses.csv")
         return [*written, "top_losses.csv"]
     files = valid_files(data.valid)
-    header = ["item", *(["file"] if files else []), *rows]
+    header = ["item", *(["file"] if files else []), *worst]
     write_csv(out_dir / "top_losses.csv", header, (
         [int(i), *([files[i]] if files else []), a, p, f"{loss:.6g}", f"{prob:.6g}"]
-        for i, a, p, loss, prob in zip(order, *rows.values())
+        for i, a, p, loss, prob in zip(order, *worst.values())
     ))  # fmt: skip
-    shown = min(len(items.worst), MAX_GRID)
-    plot_top_images(items, data.facts, classes, probs, out_dir / "top_losses.png", shown)
+    plot_top_images(
+        items, data.facts, classes, probs, out_dir / "top_losses.png", min(len(items.worst), MAX_GRID)
+    )
     if len(order) > MAX_GRID:
-        out.print(
+        report.console.print(
             f"top_losses.png shows the {MAX_GRID} worst images; top_losses.csv lists all {len(order)}",
             markup=False,
         )
     return [*written, "top_losses.png", "top_losses.csv"]
+
+
+def tell_confusion(cm: Any, pairs: list[list[Any]], what: str) -> None:
+    """The accuracy, and the most confused pairs as a table."""
+    import numpy as np
+
+    n, right = int(cm.sum()), int(np.trace(cm))
+    out = report.console
+    out.print(
+        f"accuracy {report.fmt(right / max(n, 1))} on {n} validation {what}", markup=False, highlight=False
+    )
+    if pairs:
+        out.print(
+            report.table(
+                f"most confused ({n - right} mistakes)", ["actual", "predicted", "count"], pairs[:SHOW_PAIRS]
+            )
+        )
+    else:
+        out.print("no validation item is misclassified", markup=False)
 
 
 def confusion(actual: Any, pred: Any, n_classes: int) -> Any:
@@ -335,7 +345,6 @@ def regression(items: Items, data: Any, out_dir: Path, top: int, dcfg: Any) -> l
     import numpy as np
 
     from dlrun.data.tabular import MISSING, as_levels, saved_prep
-    from dlrun.predict import write_csv
 
     prep = saved_prep(data.inputs)
     pred = items.out.squeeze(-1).double().numpy()

@@ -199,3 +199,19 @@ def test_a_large_confusion_matrix_shows_the_most_confused_classes() -> None:
     assert len(shown) == MAX_CLASSES and shown == sorted(shown) and {2, 3, 7, 25} <= set(shown)
     classes = [f"c{i}" for i in range(n)]
     assert most_confused(cm, classes) == [["c3", "c7", 5], ["c25", "c2", 1]]
+
+
+def test_image_files_are_named_in_top_losses(tmp_path: Path) -> None:
+    import torch
+
+    from dlrun.data import TensorBatches
+    from dlrun.data.imagefolder import ImageFiles, LoaderBatches
+    from dlrun.interpret import valid_files
+
+    items = [(tmp_path / "cat" / "a.jpg", 0), (tmp_path / "dog" / "b.jpg", 1)]
+    files = LoaderBatches(
+        ImageFiles(items, 16, train=False), bs=2, shuffle=False, seed=0, drop_last=False,
+        device=torch.device("cpu"), mean=[0.5] * 3, std=[0.2] * 3, num_workers=0, split="valid",
+    )  # fmt: skip
+    assert valid_files(files) == [str(p) for p, _ in items]
+    assert valid_files(TensorBatches(torch.zeros(2, 1, 8, 8), torch.zeros(2), 2, shuffle=False)) is None
