@@ -259,7 +259,7 @@ def plot_confusion(cm: Any, classes: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(sub, cmap="Blues")
     ticks = range(len(keep))
-    ax.set_xticks(ticks, names, rotation=90)
+    ax.set_xticks(ticks, names, rotation=90 if max(map(len, names)) > 3 else 0)
     ax.set_yticks(ticks, names)
     high = sub.max() / 2 if sub.size else 0
     for i in ticks:
