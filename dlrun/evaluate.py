@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from dlrun import report, rundir
 from dlrun.config import load_saved
 
+if TYPE_CHECKING:
+    from dlrun.learner import Learner
 
-def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = None) -> dict[str, float]:
-    """Rebuild the run's data and model from its saved config, load `weights`, and
-    return the validation metrics."""
-    from dlrun.learner import evaluate, prepare
+
+def rebuild(run_dir: str, weights: str = rundir.BEST, device: str | None = None) -> Learner:
+    """The run's data and model, rebuilt from its saved config, with `weights` loaded: the
+    validation split as training saw it (`dlrun eval`, `dlrun interpret`)."""
+    from dlrun.learner import prepare
 
     path = rundir.existing_run(run_dir, need=weights)
     cfg = load_saved(path)
@@ -20,7 +24,15 @@ def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = 
         cfg.trainer.device = device
     learner = prepare(cfg)
     rundir.load_weights(learner.model, path, weights, learner.device)
-    metrics, _ = evaluate(learner)
+    return learner
+
+
+def evaluate_run(run_dir: str, weights: str = rundir.BEST, device: str | None = None) -> dict[str, float]:
+    """Rebuild the run's data and model from its saved config, load `weights`, and
+    return the validation metrics."""
+    from dlrun.learner import evaluate
+
+    metrics, _ = evaluate(rebuild(run_dir, weights, device))
     return metrics
 
 

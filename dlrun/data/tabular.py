@@ -802,6 +802,14 @@ def load_table(dcfg: Any) -> Table:
     return process(read_table(dcfg), dcfg)
 
 
+def valid_frame(dcfg: Any) -> pd.DataFrame:
+    """The validation rows as the file holds them (the columns the config names), in the order the
+    validation batches hold them; the index is the row's position among the file's data rows."""
+    df = read_table(dcfg)
+    dates = {name: parse_dates(df[name]) for name in _names(dcfg, "date_names")}
+    return df[split_mask(df, dcfg, dates)]
+
+
 # --- loss, metrics, build ----------------------------------------------------
 
 
