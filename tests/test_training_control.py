@@ -127,9 +127,18 @@ def mlp_learner(cfg) -> Learner:
     )
 
 
-def test_accumulating_two_batches_of_32_equals_one_batch_of_64(tmp_path):
-    # AdamW with decoupled weight decay, gradient clipping and one-cycle: each happens once a step.
-    common = (*QUICK, "trainer.epochs=2", "trainer.grad_clip=0.5", "regularization.wd=0.1")
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ("optimizer=adamw", "trainer.grad_clip=0.5"),
+        # Without clipping, which hides the gradient's scale (as Adam does): the loss's 1/K shows.
+        ("optimizer=sgd", "optimizer.lr=0.3"),
+    ],
+    ids=["adamw-clipped", "sgd"],
+)
+def test_accumulating_two_batches_of_32_equals_one_batch_of_64(tmp_path, optimizer):
+    # Decoupled weight decay, clipping and the one-cycle schedule each happen once a step.
+    common = (*QUICK, *optimizer, "trainer.epochs=2", "regularization.wd=0.1")
     big_cfg = compose(*common, "data.bs=64", "trainer.limit_batches=3")
     small_cfg = compose(*common, "data.bs=32", "trainer.limit_batches=6", "trainer.accumulate=2")
     big, small = mlp_learner(big_cfg), mlp_learner(small_cfg)
