@@ -13,6 +13,9 @@ A family is a data module and a model module, each with its YAML file:
   A model that carries state from one batch to the next defines `carried_state()` (that
   state as tensors in plain lists, tuples and dicts, or None) and `load_carried_state(state)`:
   the checkpoint holds it, so a run resumed mid-epoch continues exactly where it stopped.
+  A model for data whose inputs cannot be blended as they are (`Data.mixup="embeddings"`)
+  takes `forward(x, mix=(perm, lam))` and blends its own embedded inputs (`dlrun.mixup`).
+- Label smoothing applies to data whose loss is `dlrun.losses.classification_loss`.
 - A model module may define `layer_groups(model) -> list[list[nn.Module | nn.Parameter]]`: the
   network's layers from the input side to the head (body stages..., head), the one place a
   family says how it splits. Discriminative rates (`optimizer.lr_mult`) and freezing
@@ -102,6 +105,11 @@ class Data:
     # them in the progress display (tokens, rows, images).
     count: Callable[[Any], int] = batch_items
     unit: str = "items"
+    # How `regularization.mixup` blends two batches of this data (`dlrun.mixup`): "inputs" (the
+    # input tensors themselves: images), "embeddings" (the model blends what it makes of them,
+    # called as `model(x, mix=(perm, lam))`: a table's embeddings and numbers), or None (inputs
+    # that cannot be blended, such as token ids: mixup is refused).
+    mixup: str | None = None
     # Per-batch learning-rate factor (variable-length BPTT windows); None means 1.
     lr_scale: Callable[[Any], float] | None = None
     # The data keys that set the memory one batch takes (named when memory runs out).

@@ -3,12 +3,19 @@ pass. `dlrun.train` (the epoch loop) and `dlrun.lr_find` (the range test) are bo
 it; it knows nothing of either, nor of any model family.
 
 Order of one step, as in a hand-written loop: forward under autocast, loss, backward,
-clip, decoupled weight decay, optimizer step. The loss stays on the device.
+clip, decoupled weight decay, optimizer step. The loss stays on the device. With gradient
+accumulation (`trainer.accumulate=K`) a step is K calls: each adds its share of the gradient,
+the last one clips, decays and steps.
+
+The training loss is the data's, with label smoothing when `regularization.label_smoothing`
+is set and blended by mixup when `regularization.mixup` is; validation always uses the plain
+loss, so validation losses compare across runs whatever their regularization.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -21,6 +28,8 @@ from omegaconf import DictConfig
 
 from dlrun.errors import DlrunError
 from dlrun.family import Data, build_data, build_model
+from dlrun.losses import classification_loss
+from dlrun.mixup import Mixup
 from dlrun.optim import DecoupledDecay, build_optimizer, set_hyper
 
 log = logging.getLogger("dlrun")
@@ -74,10 +83,13 @@ class Learner:
     scaler: Any = None  # GradScaler for fp16
     grad_clip: float | None = None
     decay: DecoupledDecay | None = None  # regularization.wd_mode=decoupled
+    loss: Callable[[Any, Any], torch.Tensor] | None = None  # the training loss (default: the data's)
+    mixup: Mixup | None = None  # regularization.mixup > 0
     params: list[torch.Tensor] = field(init=False)  # what gradient clipping sees
 
     def __post_init__(self) -> None:
         self.forward = self.forward or self.model
+        self.loss = self.loss or self.data.loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def reset_state(self) -> None:
@@ -125,6 +137,8 @@ def prepare(cfg: DictConfig) -> Learner:
     if device.type == "cuda" and cfg.model.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
     optimizer, decay = build_optimizer(cfg, model, device)
+    # .get: the run directories saved before these keys existed (dlrun eval) have neither.
+    reg, name = cfg.regularization, cfg.data.name
     return Learner(
         device=device,
         data=data,
@@ -136,19 +150,63 @@ def prepare(cfg: DictConfig) -> Learner:
         scaler=scaler,
         grad_clip=cfg.trainer.grad_clip,
         decay=decay,
+        loss=training_loss(float(reg.get("label_smoothing", 0.0)), data, name),
+        mixup=mixup(float(reg.get("mixup", 0.0)), data, device, name),
     )
 
 
-def train_step(learner: Learner, x: Any, y: Any, lr: float, momentum: float | None) -> torch.Tensor:
-    """One optimizer step at (lr, momentum); returns the loss, still on the device."""
+def training_loss(smoothing: float, data: Data, name: str) -> Callable[[Any, Any], torch.Tensor]:
+    """The data's loss, with `regularization.label_smoothing`: only a loss over classes has
+    labels to smooth (not a regression's number, nor a language model's next token, whose
+    perplexity is the very probability smoothing holds back)."""
+    if not smoothing:
+        return data.loss
+    if data.loss is not classification_loss:
+        raise DlrunError(
+            f"regularization.label_smoothing={smoothing} applies to classification (images, tables "
+            f"with classes), but data={name} has no classes to smooth: set regularization.label_smoothing=0"
+        )
+    return functools.partial(classification_loss, label_smoothing=smoothing)
+
+
+def mixup(alpha: float, data: Data, device: torch.device, name: str) -> Mixup | None:
+    """`regularization.mixup=alpha` where the data says how its inputs blend (`Data.mixup`)."""
+    if not alpha:
+        return None
+    if data.mixup is None:
+        raise DlrunError(
+            f"regularization.mixup={alpha} applies to images and tables, but data={name} cannot be "
+            "blended (a language model's inputs are token ids): set regularization.mixup=0"
+        )
+    return Mixup(alpha, data.mixup, device)
+
+
+def train_step(
+    learner: Learner,
+    x: Any,
+    y: Any,
+    lr: float,
+    momentum: float | None,
+    weight: float = 1.0,
+    update: bool = True,
+) -> torch.Tensor:
+    """One batch: its gradient, times `weight` (1/K for one of K accumulated micro-batches),
+    added to the parameters' gradients; with `update` (every batch without accumulation), then
+    one optimizer step at (lr, momentum). Returns the batch's loss, still on the device."""
     opt, scaler = learner.optimizer, learner.scaler
-    set_hyper(opt, lr, momentum)
     with learner.autocast():
-        loss = learner.data.loss(learner.forward(x), y)
+        if learner.mixup is None:
+            loss = learner.loss(learner.forward(x), y)
+        else:
+            loss = learner.mixup.loss(learner.forward, learner.loss, x, y)
+    scaled = loss if weight == 1.0 else loss * weight
     if scaler is not None:
-        scaler.scale(loss).backward()
+        scaler.scale(scaled).backward()
     else:
-        loss.backward()
+        scaled.backward()
+    if not update:
+        return loss.detach()
+    set_hyper(opt, lr, momentum)
     if learner.grad_clip:
         if scaler is not None:
             scaler.unscale_(opt)

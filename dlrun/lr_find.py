@@ -1,6 +1,7 @@
 """The learning-rate range test (Smith 2015, as fastai's `lr_find`).
 
-Train from `start_lr` to `end_lr` on an exponential schedule, one mini-batch per rate,
+Train from `start_lr` to `end_lr` on an exponential schedule, one optimizer step per rate
+(one mini-batch, or `trainer.accumulate` of them),
 with the run's own loss, regularization, precision and clipping (`learner.train_step`);
 watch a smoothed loss; stop when it blows up; put everything back as it was; suggest
 a rate.
@@ -160,10 +161,11 @@ def range_test(
     beta: float = 0.98,
     stop_div: float = 4.0,
     limit: int | None = None,
+    accumulate: int = 1,
 ) -> dict[str, Any]:
-    """Train one batch per lr from start_lr to end_lr (exponential steps), record the
-    raw and smoothed loss, stop early when the smoothed loss exceeds stop_div times its
-    best or is not finite, and restore the learner exactly as it was."""
+    """Train one optimizer step (of `accumulate` batches) per lr from start_lr to end_lr
+    (exponential steps), record the raw and smoothed loss, stop early when the smoothed loss
+    exceeds stop_div times its best or is not finite, and restore the learner exactly as it was."""
     num_it = max(6, num_it)
     snapshot = Snapshot(learner)
     lrs: list[float] = []
@@ -174,10 +176,15 @@ def range_test(
     learner.reset_state()
     data = learner.data
     try:
-        for i, (x, y) in zip(range(num_it), batches(learner, limit)):
+        stream = batches(learner, limit)
+        for i in range(num_it):
             lr = start_lr * (end_lr / start_lr) ** (i / (num_it - 1))
-            scaled = lr * data.lr_scale(x) if data.lr_scale is not None else lr
-            loss = train_step(learner, x, y, scaled, None).item()
+            step_losses = []
+            for j, (x, y) in zip(range(accumulate), stream):
+                scaled = lr * data.lr_scale(x) if data.lr_scale is not None else lr
+                last = j == accumulate - 1
+                step_losses.append(train_step(learner, x, y, scaled, None, 1 / accumulate, last))
+            loss = (step_losses[0] if accumulate == 1 else torch.stack(step_losses).mean()).item()
             # Debiased exponential moving average: early values are not pulled to zero.
             avg = beta * avg + (1 - beta) * loss
             smooth = avg / (1 - beta ** (i + 1))
@@ -212,6 +219,7 @@ def lr_find(cfg: DictConfig, learner: Learner, run_dir: Path) -> dict[str, Any]:
         float(lf.beta),
         float(lf.stop_div),
         cfg.trainer.limit_batches,
+        cfg.trainer.accumulate,
     )
     result["suggest"] = lf.suggest
     result["lr"] = result["suggestions"][lf.suggest]

@@ -4,6 +4,11 @@ metrics row, the best weights, the checkpoint. A step and a validation pass are 
 learner's (`dlrun.learner`); what is written where is the run directory's (`dlrun.rundir`).
 
 The loss stays on the device and is read back once per `trainer.log_every` steps.
+
+Training control: `trainer.accumulate=K` takes one optimizer step per K batches (the schedule
+counts optimizer steps; a checkpoint is only ever taken between them, so resuming stays
+exact); `trainer.early_stop` ends the run once the monitored metric has stopped improving,
+judged from the metrics rows alone, so a resumed run stops where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class Interrupted(Exception):
 
 
 class AlreadyComplete(Exception):
-    """`resume=` named a run that has already trained all its epochs: nothing was changed."""
+    """`resume=` named a run that has already trained all its epochs (or stopped early):
+    nothing was changed."""
 
 
 class StopRequest:
@@ -90,6 +96,24 @@ def how_diverged(scores: dict[str, float], monitor: str) -> str:
     return ""
 
 
+def early_stop(rows: list[dict[str, float]], metrics: Any, rule: Any) -> dict[str, int] | None:
+    """Where `trainer.early_stop` ends the run: {"epoch", "best_epoch", "patience"} once the
+    last `patience` epochs have not improved the monitored metric by more than `min_delta`
+    over the best before them (best_epoch: the last epoch that did), else None."""
+    if rule.patience is None or not rows:
+        return None
+    sign = 1 if metrics.mode == "max" else -1
+    best, best_epoch = None, 0
+    for row in rows:
+        value = row[metrics.monitor]
+        if best is None or sign * (value - best) > rule.min_delta:
+            best, best_epoch = value, int(row["epoch"])
+    epoch = int(rows[-1]["epoch"])
+    if epoch - best_epoch < rule.patience:
+        return None
+    return {"epoch": epoch, "best_epoch": best_epoch, "patience": int(rule.patience)}
+
+
 def fit(
     cfg: DictConfig, run_dir: Path, learner: Learner | None = None, started: float | None = None
 ) -> dict[str, Any]:
@@ -100,11 +124,17 @@ def fit(
     learner = learner or prepare(cfg)
     data, tr = learner.data, cfg.trainer
     steps = len(data.train) if tr.limit_batches is None else min(len(data.train), tr.limit_batches)
+    accumulate = tr.accumulate
+    updates = math.ceil(steps / accumulate)  # optimizer steps per epoch
+    monitored = data.metrics()  # which metric early stopping watches, and which way is better
     if cfg.resume:
         state = load_checkpoint(run_dir / rundir.CHECKPOINT, learner)
-        if state.epoch >= tr.epochs and finished(run_dir):
+        rows = [r for r in rundir.read_metrics(run_dir) if r["epoch"] <= state.epoch]
+        stopped = early_stop(rows, monitored, tr.early_stop)
+        if (state.epoch >= tr.epochs or stopped) and finished(run_dir):
+            how = f"stopped early after {state.epoch}" if stopped else str(state.epoch)
             raise AlreadyComplete(
-                f"{run_dir} is already complete ({state.epoch} of {tr.epochs} epochs): "
+                f"{run_dir} is already complete ({how} of {tr.epochs} epochs): "
                 "nothing to resume, nothing changed"
             )
     else:
@@ -114,7 +144,8 @@ def fit(
         log.info("removed %s, a partial write of a killed run", path.name)
     save_state(data, run_dir)
     saved.write(cfg, data, run_dir)
-    schedule = build_schedule(cfg.schedule, state.lr, steps * tr.epochs, steps)
+    # Not stretched by early stopping: a one-cycle run that stops early ends before its annealing.
+    schedule = build_schedule(cfg.schedule, state.lr, updates * tr.epochs, updates)
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch)
     summary = Summary(run_dir, learner, started, state)
     if state.epoch == 0 and state.batch == 0:
@@ -135,10 +166,14 @@ def fit(
         save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
 
     display = report.EpochDisplay(tr.progress, epochs=tr.epochs, log_seconds=tr.log_seconds, unit=data.unit)
+    stopped = None
     with StopRequest() as stop_request, display:
         for row in metrics_log.rows:
             display.row(row)
         for epoch in range(state.epoch, tr.epochs):
+            stopped = early_stop(metrics_log.rows, monitored, tr.early_stop)
+            if stopped:
+                break
             # --- train ---
             learner.model.train()
             if state.batch == 0:
@@ -155,12 +190,16 @@ def fit(
             for i, (x, y) in enumerate(batches, start=state.batch):
                 lr, momentum = schedule(state.step)
                 if data.lr_scale is not None:
-                    lr *= data.lr_scale(x)
-                loss = train_step(learner, x, y, lr, momentum)
+                    lr *= data.lr_scale(x)  # accumulating: the step takes its last batch's factor
+                # Batch i is one of the `group` batches of an optimizer step (fewer at the epoch's
+                # end): each adds 1/group of the step's gradient, the last one steps.
+                group = min(accumulate, steps - i // accumulate * accumulate)
+                update = (i + 1) % accumulate == 0 or i + 1 == steps
+                loss = train_step(learner, x, y, lr, momentum, 1 / group, update)
                 k = data.count(y)
                 state.loss_sum.add_(loss, alpha=k)  # one kernel, no host sync
                 state.items += k
-                state.step, state.batch, state.last_lr = state.step + 1, i + 1, lr
+                state.step, state.batch, state.last_lr = state.step + update, i + 1, lr
                 if state.batch % tr.log_every == 0 or state.batch == steps:
                     current = loss.item()
                     if not math.isfinite(current):
@@ -173,9 +212,9 @@ def fit(
                         )
                     seconds = state.epoch_seconds + time.perf_counter() - t0
                     display.update(state.batch, current, state.items / max(seconds, 1e-9))
-                if stop_request.requested:
-                    # Checked after the step and before the next batch is drawn: the saved
-                    # RNG state has not yet been used for the next batch's augmentation.
+                if update and stop_request.requested:
+                    # Checked after an optimizer step and before the next batch is drawn: the
+                    # saved RNG state has not yet been used for the next batch's augmentation.
                     state.count_time(time.perf_counter() - t0, state.items - items0)
                     if tr.checkpoint:
                         checkpoint()
@@ -204,7 +243,7 @@ def fit(
                     save_best(run_dir / rundir.BEST, learner, epoch + 1, scores)
             if tr.checkpoint:
                 checkpoint()
-    return summary.write("completed", metrics_log.rows)
+    return summary.write("completed", metrics_log.rows, stopped_early=stopped)
 
 
 def finished(run_dir: Path) -> bool:
@@ -227,7 +266,13 @@ class Summary:
         """Seconds of wall time of the whole run so far, earlier sessions included."""
         return self.wall_before + time.time() - self.started
 
-    def write(self, status: str, rows: list[dict[str, float]], message: str = "") -> dict[str, Any]:
+    def write(
+        self,
+        status: str,
+        rows: list[dict[str, float]],
+        message: str = "",
+        stopped_early: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
         state = self.state or RunState()
         wall = self.wall()
         metric_names = [k for k in (rows[-1] if rows else {}) if k not in ("epoch", "lr", "seconds")]
@@ -241,6 +286,7 @@ class Summary:
             "best_epoch": state.best_epoch,
             "final": {k: rows[-1][k] for k in metric_names} if rows else {},
             "epochs": len(rows),
+            "stopped_early": stopped_early,  # trainer.early_stop ended the run: where, and why
             "lr": state.lr,
             "wall_s": round(wall, 3),
             "items_per_s": state.train_items / state.train_seconds if state.train_seconds else None,
@@ -326,8 +372,13 @@ def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             soft_wrap=True,  # one line however long the path: it is pasted into a shell
         )
         sys.exit(130)
-    best = summary["best"]
+    best, stopped = summary["best"], summary["stopped_early"]
     shown = {k: v for k, v in best.items() if k in (summary["monitor"], "valid_loss")}
+    if stopped:
+        report.console.print(
+            f"stopped early after epoch {stopped['epoch']}: no {summary['monitor']} improvement "
+            f"for {stopped['patience']} epochs (trainer.early_stop.patience)"
+        )
     report.console.print(
         f"[green]done[/] in {summary['wall_s']:.1f} s; best epoch {summary['best_epoch']}: "
         + ", ".join(f"{k} {report.fmt(v)}" for k, v in shown.items())

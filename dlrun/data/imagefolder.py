@@ -89,6 +89,7 @@ def build(cfg: DictConfig, device: torch.device) -> Data:
         facts=facts,
         state={"classes.json": classes},
         unit="images",
+        mixup="inputs",
         inputs=images.image_inputs(
             facts, "files", int(d.bs), {"flip": bool(aug.flip), "scale_min": float(aug.scale_min)}
         ),

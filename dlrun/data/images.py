@@ -99,6 +99,7 @@ def image_data(
         facts=facts,
         state=state,
         unit="images",
+        mixup="inputs",
         inputs=inputs,
     )
 

@@ -932,6 +932,7 @@ def build(cfg: Any, device: torch.device) -> Data:
         metrics=metrics,
         facts=table_facts(table),
         unit="rows",
+        mixup="embeddings",
         split=table.split,
         inputs={"family": "table", "bs": bs, **table.prep.to_json()},
     )

@@ -16,6 +16,7 @@ from torch import nn
 from dlrun.data.tabular import TableFacts
 from dlrun.errors import DlrunError
 from dlrun.family import dropout
+from dlrun.mixup import blend
 from dlrun.rules import PROB, Float, Int
 
 RULES = {
@@ -63,13 +64,18 @@ class TabularNet(nn.Module):
         self.head = nn.Linear(n_in, n_out)
         self.y_range = y_range
 
-    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: tuple[torch.Tensor, torch.Tensor], mix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`mix=(perm, lam)` (mixup, `dlrun.mixup`): category codes cannot be blended, so each
+        row's embeddings and continuous inputs are, with those of row `perm[i]`."""
         cat, cont = x
         parts = []
         if len(self.embeds):
-            parts.append(self.emb_drop(torch.cat([e(cat[:, i]) for i, e in enumerate(self.embeds)], 1)))
+            emb = torch.cat([e(cat[:, i]) for i, e in enumerate(self.embeds)], 1)
+            parts.append(self.emb_drop(emb if mix is None else blend(emb, *mix)))
         if self.bn_cont is not None:
-            parts.append(self.bn_cont(cont))
+            parts.append(self.bn_cont(cont if mix is None else blend(cont, *mix)))
         out = self.head(self.layers(torch.cat(parts, 1)))
         if self.y_range is not None:
             lo, hi = self.y_range
