@@ -11,8 +11,8 @@ Inputs and outputs, with a dynamic batch axis N everywhere:
   `prediction` [N, 1] for regression (on the log scale with data.log_y; model.y_range's sigmoid
   is part of the model);
 - images: `images` float32 [N, C, H, W], normalised as in training -> `logits` [N, classes];
-- language models: `ids` int64 [N, T] -> `logits` [N, T, vocab]. A Transformer takes any T up
-  to its context; the ONNX RNN exactly T = the run's bptt (see `text_signature`).
+- language models: `ids` int64 [N, T] -> `logits` [N, T, vocab]; the RNN's ONNX graph takes
+  exactly T = the run's bptt, the Transformer's up to its context (see `text_signature`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,10 @@ def main(argv: list[str]) -> None:
             f"-o {folder} is a file: give a folder; export writes {FILES[args.format]} and model.json into it"
         )
     sig = signature(model, args.format)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DlrunError(f"cannot create the folder -o {folder} ({e.strerror}): give another one") from None
     path = folder / FILES[args.format]
     try:
         what = write(sig, path, args.format, args.opset, verbose())
@@ -159,6 +162,7 @@ class Signature:
     example: tuple[torch.Tensor, ...]
     notes: list[str] = field(default_factory=list)
     max_t: int | None = None  # the longest sequence a dynamic T axis takes (a Transformer's context)
+    script: bool = False  # TorchScript: torch.jit.script (control flow kept), not torch.jit.trace
 
     def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
         """torch.export's dynamic_shapes: one Dim per letter, shared by the inputs that name it."""
@@ -262,35 +266,41 @@ def image_signature(model: Saved) -> Signature:
 
 
 def text_signature(model: Saved, fmt: str) -> Signature:
-    """A language model from a zero initial state. A Transformer reads any window of up to
-    `context` tokens (its learned positions). The RNN's ONNX graph is unrolled over exactly the
-    run's bptt tokens: torch.export fixes the sequence length of an LSTM or GRU layer to the
-    example's, and a QRNN's fo-pooling is a Python loop over time. Its TorchScript trace keeps T
-    dynamic (LSTM, GRU), but cannot hold that loop at all (QRNN)."""
+    """A language model from a zero initial state. How long a window it takes depends on the
+    model and the format:
+    - a Transformer's ONNX graph takes up to `context` tokens (its learned positions; in PyTorch a
+      longer window is read as chunks, a branch on T that torch.export resolves for T <= context);
+      its TorchScript file is scripted, branch included, and takes any T;
+    - the RNN's ONNX graph takes exactly the run's bptt tokens: the exported LSTM and GRU keep the
+      example's sequence length (another length fails in onnxruntime), and a QRNN's fo-pooling
+      is a Python loop over time, unrolled; its TorchScript trace takes any T (LSTM, GRU), but
+      cannot hold the QRNN's fo-pooling, a Python autograd function."""
     from dlrun.models.rnn import QRNNLayer
 
     net, bptt = model.model, int(model.prep["bptt"])
     context = getattr(net, "context", None)
-    qrnn = any(isinstance(m, QRNNLayer) for m in net.modules())
-    if fmt == "torchscript" and qrnn:
+    if fmt == "torchscript" and any(isinstance(m, QRNNLayer) for m in net.modules()):
         raise DlrunError(
             f"{describe(model)} cannot be written as TorchScript: its fo-pooling is a Python autograd "
             "function, which a TorchScript file cannot hold; use --format onnx"
         )
     notes = ["softmax(logits[:, t]) is the distribution of the token after position t"]
-    if context is not None:
-        # torch.export makes a length-1 example a constant: a one-position model keeps T = 1.
-        length: int | str = "T" if context > 1 else 1
-        example_t = context
-        notes.append(f"T is any length from 1 to {context} (model.context: the positions it learned)")
-    elif fmt == "onnx":
-        length = example_t = bptt
+    length: int | str = "T"
+    example_t = min(bptt, context or bptt)
+    if context is None and fmt == "onnx":
+        length = bptt
         notes.append(
             f"T is fixed at {bptt} (the run's data.bptt): the RNN's ONNX graph runs exactly that many steps; "
             f"cut the text into windows of {bptt} tokens"
         )
+    elif context is not None and fmt == "onnx":
+        # torch.export makes a length-1 example a constant: a one-position model keeps T = 1.
+        length = "T" if context > 1 else 1
+        example_t = context
+        notes.append(f"T is any length from 1 to {context} (model.context: the positions it learned)")
+    elif context is not None:
+        notes.append(f"T is any length; past {context} (model.context) it reads windows of {context} tokens")
     else:
-        length, example_t = "T", bptt
         notes.append("T is any length")
     vocab = model.prep["vocab"]
     inputs = [
@@ -303,7 +313,10 @@ def text_signature(model: Saved, fmt: str) -> Signature:
         )
     ]  # fmt: skip
     example = (torch.zeros(EXAMPLE_BS, example_t, dtype=torch.long),)
-    return Signature(describe(model), Stateless(net).eval(), inputs, outputs, example, notes, context)
+    module = Stateless(net).eval()
+    return Signature(
+        describe(model), module, inputs, outputs, example, notes, max_t=context, script=context is not None
+    )
 
 
 # --- writing ------------------------------------------------------------------------
@@ -366,13 +379,14 @@ def write_onnx(sig: Signature, path: Path, opset: int | None, verbose: bool) -> 
 
 
 def write_torchscript(sig: Signature, path: Path) -> None:
-    """`torch.jit.trace`: the tensor operations of one call on the example, shapes kept symbolic.
-    Every model here is a straight line of tensor operations once eval mode and the state are
-    fixed, which is what a trace records; `torch.jit.script` would need type annotations
-    throughout and fails on the RNN's weight-drop (torch.func) and `Any` hidden states."""
+    """`torch.jit.trace` records the tensor operations of one call on the example, shapes kept
+    symbolic: right for every model that runs the same operations whatever its input (the CNN,
+    ResNet, tabular net and RNN in eval mode; `torch.jit.script` cannot compile the RNN, whose
+    layers take `*args` through torch.func). The Transformer branches on the window's length,
+    which a trace would freeze: it is scripted."""
     with torch.no_grad():
-        traced = torch.jit.trace(sig.module, sig.example)
-    traced.save(str(path))
+        compiled = torch.jit.script(sig.module) if sig.script else torch.jit.trace(sig.module, sig.example)
+    compiled.save(str(path))
 
 
 def tell(sig: Signature, path: Path, what: str) -> None:
