@@ -18,6 +18,7 @@ Inputs and outputs, with a dynamic batch axis N everywhere:
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -326,14 +327,22 @@ def text_signature(model: Saved, fmt: str) -> Signature:
 def quiet(verbose: bool) -> Iterator[None]:
     """Without -v, the exporters' chatter is hidden: torch.export's warnings about internals the
     user cannot change (nn.LSTM's flat weights, `_check_is_size`), the FutureWarning that
-    torch.jit.trace is deprecated (it still works, and TorchScript files still load), and the
-    Transformer's TracerWarning about its `T <= context` branch (the note on T says so)."""
+    torch.jit.trace is deprecated (it still works, and TorchScript files still load),
+    torch.jit.trace's TracerWarnings (the models it traces run the same operations for any
+    input), and onnxscript's log of the opset conversion it runs for --opset 26 and later (a
+    conversion that fails leaves another opset, which `write_onnx` reports)."""
     if verbose:
         yield
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    log = logging.getLogger("onnxscript")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def write(sig: Signature, path: Path, fmt: str, opset: int | None, verbose: bool) -> str:

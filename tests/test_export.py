@@ -49,14 +49,20 @@ def table_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 20 KB of real English prose from the bundled corpus, as a user's .txt file."""
     from pydoc_data.topics import topics
 
-    folder = tmp_path_factory.mktemp("lm")
-    corpus = folder / "book.txt"
-    corpus.write_text("\n".join(topics[k] for k in list(topics)[:12])[:20_000], encoding="utf-8")
-    train(folder / "run", *TINY_LM, "data=text", f"data.path={corpus}", "model.n_layers=2")
-    return folder / "run"
+    path = tmp_path_factory.mktemp("corpus") / "book.txt"
+    path.write_text("\n".join(topics[k] for k in list(topics)[:12])[:20_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    run = tmp_path_factory.mktemp("lm") / "run"
+    train(run, *TINY_LM, "data=text", f"data.path={corpus}")
+    return run
 
 
 def penguin_rows(n: int) -> pd.DataFrame:
@@ -200,6 +206,39 @@ def test_regression_head_keeps_its_log_scale_and_y_range(table_run: Path, tmp_pa
         want = net((torch.from_numpy(inputs["cat"]), torch.from_numpy(inputs["cont"]))).numpy()
     assert np.abs(got - want).max() < TOL
     assert ((got > 7.5) & (got < 9.0)).all()
+
+
+# The other models of dlrun/models/, each exported both ways and run on a batch (about 60 s).
+OTHER_MODELS = {
+    "resnet": ["model=resnet", "trainer.epochs=1", "trainer.limit_batches=2"],
+    "gru": [*TINY_LM, "model.cell=gru"],
+    "qrnn": [*TINY_LM, "model.cell=qrnn"],
+    "transformer": [
+        "model=transformer", "model.n_embd=16", "model.n_head=2", "model.n_layers=1",
+        "data.bs=16", "data.bptt=32", "trainer.epochs=1",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OTHER_MODELS))
+def test_other_models_export_both_ways(name: str, corpus: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime", reason=ONNX_MISSING)
+    run, family = tmp_path / "run", "digits" if name == "resnet" else "lm"
+    train(run, *OTHER_MODELS[name], *([] if family == "digits" else ["data=text", f"data.path={corpus}"]))
+    inputs = inputs_for(run, family)
+    want = pytorch_outputs(run, inputs)
+    export.main([str(run), "-o", str(tmp_path / "onnx")])
+    (got,) = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx")).run(None, inputs)
+    assert np.abs(got - want).max() < TOL
+    if name == "qrnn":
+        with pytest.raises(DlrunError, match="use --format onnx"):
+            export.main([str(run), "--format", "torchscript", "-o", str(tmp_path / "ts")])
+        return
+    export.main([str(run), "--format", "torchscript", "-o", str(tmp_path / "ts")])
+    with torch.no_grad():
+        got = torch.jit.load(str(tmp_path / "ts" / "model.pt"))(*map(torch.from_numpy, inputs.values()))
+    assert np.abs(got.numpy() - want).max() < TOL
 
 
 # --- user errors --------------------------------------------------------------------
