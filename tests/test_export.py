@@ -93,13 +93,14 @@ def lm_batch(run: Path, n: int, t: int) -> np.ndarray:
 
 
 def inputs_for(run: Path, family: str) -> dict[str, np.ndarray]:
+    """A batch of BS real inputs of the family, named as the exported graph names them."""
     if family == "digits":
         return {"images": digits_batch(run, BS)}
     if family == "table":
-        prep = saved.load(run, device="cpu").prep
         from dlrun.data.tabular import saved_prep
 
-        cat, cont = saved_prep(prep).features(penguin_rows(BS))
+        prep = saved_prep(json.loads((run / "model.json").read_text())["preprocess"])
+        cat, cont = prep.features(penguin_rows(BS))
         return {"cat": cat, "cont": cont}
     return {"ids": lm_batch(run, BS, 32)}
 
@@ -163,7 +164,7 @@ def test_torchscript_rnn_takes_any_length(lm_run: Path, tmp_path: Path) -> None:
 def test_readme_snippet_runs_an_exported_table_model(
     table_run: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    """The README's five lines: raw CSV rows -> cat/cont from the exported JSON -> onnxruntime."""
+    """The README's snippet, as written: raw CSV rows -> cat/cont by the exported JSON -> onnxruntime."""
     pytest.importorskip("onnxruntime", reason=ONNX_MISSING)
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("### Export to ONNX or TorchScript") :]
