@@ -134,7 +134,9 @@ def main(argv: list[str]) -> None:
             f"({type(e).__name__}: {first_line(e)}): run again with -v for the exporter's messages, "
             f"or try --format {other}"
         ) from None
-    shutil.copyfile(model.run_dir / saved.MODEL_FILE, folder / saved.MODEL_FILE)
+    source, copy = model.run_dir / saved.MODEL_FILE, folder / saved.MODEL_FILE
+    if copy.resolve() != source.resolve():  # -o RUN_DIR: model.json is there already
+        shutil.copyfile(source, copy)
     tell(sig, path, what)
 
 

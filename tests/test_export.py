@@ -173,6 +173,13 @@ def test_torchscript_rnn_takes_any_length(lm_run: Path, tmp_path: Path) -> None:
     assert torch.allclose(got, torch.from_numpy(pytorch_outputs(lm_run, {"ids": ids})), atol=TOL)
 
 
+def test_export_into_the_run_directory_itself(table_run: Path) -> None:
+    before = (table_run / "model.json").read_text()
+    export.main([str(table_run), "--format", "torchscript", "-o", str(table_run)])
+    assert (table_run / "model.pt").is_file() and (table_run / "model.json").read_text() == before
+    (table_run / "model.pt").unlink()
+
+
 def test_readme_snippet_runs_an_exported_table_model(
     table_run: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
