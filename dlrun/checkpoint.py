@@ -21,6 +21,7 @@ class RunState:
     batch: int = 0  # batches of the current epoch already done
     step: int = 0  # optimizer steps so far
     lr: float = 0.0  # the peak learning rate (the finder's suggestion with lr=find)
+    lr_unfrozen: float = 0.0  # finetune: the unfrozen phase's peak rate, once that phase began
     last_lr: float = 0.0  # the rate of the last step taken (metrics.csv's lr column)
     loss_sum: Any = 0.0  # training loss of the current epoch so far, summed over items
     items: int = 0  # items of the current epoch so far

@@ -457,8 +457,8 @@ def check_unchanged(run_dir: Path, original: list[str], args: list[str]) -> None
 
 
 def resume_state(overrides: list[str]) -> dict[str, Any]:
-    """The keys whose values a checkpoint depends on: the model, the optimizer and the weight-decay
-    mode (it decides the optimizer's parameter groups)."""
+    """The keys whose values a checkpoint depends on: the model, the optimizer, the weight-decay
+    mode (it decides the optimizer's parameter groups) and the fine-tuning phases."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -467,7 +467,7 @@ def resume_state(overrides: list[str]) -> dict[str, Any]:
     with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="dlrun"):
         cfg = compose("train", overrides=overrides)
     state = {"regularization.wd_mode": cfg.regularization.get("wd_mode")}
-    for group in ("model", "optimizer"):
+    for group in ("model", "optimizer", "finetune"):
         tree = OmegaConf.to_container(cfg[group], resolve=False)
         state |= {f"{group}.{k}": v for k, v in tree.items()}
     return state

@@ -207,8 +207,8 @@ def range_test(
     }
 
 
-def lr_find(cfg: DictConfig, learner: Learner, run_dir: Path) -> dict[str, Any]:
-    """Run the range test for `cfg`, write lr_find.csv/.json/.png into run_dir, show the
+def lr_find(cfg: DictConfig, learner: Learner, run_dir: Path, stem: str = "lr_find") -> dict[str, Any]:
+    """Run the range test for `cfg`, write <stem>.csv/.json/.png into run_dir, show the
     curve, and return the result with `lr`, the suggestion `lr_find.suggest` picks."""
     lf = cfg.lr_find
     result = range_test(
@@ -223,25 +223,25 @@ def lr_find(cfg: DictConfig, learner: Learner, run_dir: Path) -> dict[str, Any]:
     )
     result["suggest"] = lf.suggest
     result["lr"] = result["suggestions"][lf.suggest]
-    save(result, run_dir)
+    save(result, run_dir, stem)
     show(result)
     return result
 
 
-def save(result: dict[str, Any], run_dir: Path) -> None:
-    """lr_find.csv (lr, loss, smoothed_loss), lr_find.json, lr_find.png."""
+def save(result: dict[str, Any], run_dir: Path, stem: str = "lr_find") -> None:
+    """lr_find.csv (lr, loss, smoothed_loss), lr_find.json, lr_find.png (or another `stem`)."""
 
     def write_csv(f: Any) -> None:
         w = csv.writer(f)
         w.writerow(["lr", "loss", "smoothed_loss"])
         w.writerows(zip(result["lrs"], result["losses"], result["smoothed"]))
 
-    rundir.write_atomic(run_dir / "lr_find.csv", write_csv)
+    rundir.write_atomic(run_dir / f"{stem}.csv", write_csv)
     summary = {k: result[k] for k in ("suggestions", "suggest", "lr", "stopped_early", "num_it")}
     summary["points"] = len(result["lrs"])
     summary["min_smoothed_loss"] = min(result["smoothed"], default=None)
-    rundir.write_json(run_dir / "lr_find.json", summary)
-    plot([(None, result)], run_dir / "lr_find.png")
+    rundir.write_json(run_dir / f"{stem}.json", summary)
+    plot([(None, result)], run_dir / f"{stem}.png")
 
 
 def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 import dlrun
-from dlrun import report, rundir, saved
+from dlrun import finetune, report, rundir, saved
 from dlrun.checkpoint import RunState, load_checkpoint, save_best, save_checkpoint
 from dlrun.errors import DlrunError
 from dlrun.family import better, save_state
@@ -127,25 +127,41 @@ def fit(
     accumulate = tr.accumulate
     updates = math.ceil(steps / accumulate)  # optimizer steps per epoch
     monitored = data.metrics()  # which metric early stopping watches, and which way is better
+    epochs, frozen = finetune.total_epochs(cfg), finetune.freeze_epochs(cfg)
     if cfg.resume:
         state = load_checkpoint(run_dir / rundir.CHECKPOINT, learner)
         rows = [r for r in rundir.read_metrics(run_dir) if r["epoch"] <= state.epoch]
         stopped = early_stop(rows, monitored, tr.early_stop)
-        if (state.epoch >= tr.epochs or stopped) and finished(run_dir):
+        if (state.epoch >= epochs or stopped) and finished(run_dir):
             how = f"stopped early after {state.epoch}" if stopped else str(state.epoch)
             raise AlreadyComplete(
-                f"{run_dir} is already complete ({how} of {tr.epochs} epochs): "
+                f"{run_dir} is already complete ({how} of {epochs} epochs): "
                 "nothing to resume, nothing changed"
             )
+        if state.epoch < frozen:
+            finetune.freeze(cfg, learner.model)
     else:
+        if frozen:
+            finetune.freeze(cfg, learner.model)  # before the finder: it picks the head's rate
         lr = lr_find(cfg, learner, run_dir)["lr"] if cfg.optimizer.lr == "find" else float(cfg.optimizer.lr)
         state = RunState(lr=lr)
+    if learner.decay is not None:
+        learner.decay.refresh()
     for path in rundir.remove_partial_writes(run_dir):
         log.info("removed %s, a partial write of a killed run", path.name)
     save_state(data, run_dir)
     saved.write(cfg, data, run_dir)
-    # Not stretched by early stopping: a one-cycle run that stops early ends before its annealing.
-    schedule = build_schedule(cfg.schedule, state.lr, updates * tr.epochs, updates)
+
+    def make_schedule() -> Any:
+        """The run's schedule of optimizer steps: one cycle, or with a frozen phase one per phase.
+        Not stretched by early stopping: a one-cycle run that stops early ends before its annealing."""
+        if not frozen:
+            return build_schedule(cfg.schedule, state.lr, updates * tr.epochs, updates)
+        first = build_schedule(cfg.schedule, state.lr, updates * frozen, updates)
+        second = build_schedule(cfg.schedule, state.lr_unfrozen or state.lr, updates * tr.epochs, updates)
+        return finetune.phased(first, second, updates * frozen)
+
+    schedule = make_schedule()
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch)
     summary = Summary(run_dir, learner, started, state)
     if state.epoch == 0 and state.batch == 0:
@@ -165,15 +181,35 @@ def fit(
         state.wall_before = summary.wall()
         save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
 
-    display = report.EpochDisplay(tr.progress, epochs=tr.epochs, log_seconds=tr.log_seconds, unit=data.unit)
+    def unfreeze() -> None:
+        """The frozen phase is over: every layer trains, at the rate the finder suggests for the
+        whole network (optimizer.lr=find) or optimizer.lr / finetune.lr_div."""
+        nonlocal schedule
+        finetune.unfreeze(learner.model)
+        if learner.decay is not None:
+            learner.decay.refresh()
+        if cfg.optimizer.lr == "find":
+            state.lr_unfrozen = lr_find(cfg, learner, run_dir, stem="lr_find_unfrozen")["lr"]
+        else:
+            state.lr_unfrozen = state.lr / float(cfg.finetune.lr_div)
+        schedule = make_schedule()
+        line = f"epoch {frozen + 1}: all layers unfrozen, head at lr {state.lr_unfrozen:.3g}"
+        if float(cfg.optimizer.get("lr_mult", 1.0)) != 1.0:
+            line += f", first layer group at {state.lr_unfrozen * float(cfg.optimizer.lr_mult):.3g}"
+        log.info(line)
+        display.say(line)
+
+    display = report.EpochDisplay(tr.progress, epochs=epochs, log_seconds=tr.log_seconds, unit=data.unit)
     stopped = None
     with StopRequest() as stop_request, display:
         for row in metrics_log.rows:
             display.row(row)
-        for epoch in range(state.epoch, tr.epochs):
+        for epoch in range(state.epoch, epochs):
             stopped = early_stop(metrics_log.rows, monitored, tr.early_stop)
             if stopped:
                 break
+            if frozen and epoch == frozen and not state.lr_unfrozen:
+                unfreeze()
             # --- train ---
             learner.model.train()
             if state.batch == 0:
@@ -288,6 +324,7 @@ class Summary:
             "epochs": len(rows),
             "stopped_early": stopped_early,  # trainer.early_stop ended the run: where, and why
             "lr": state.lr,
+            "lr_unfrozen": state.lr_unfrozen or None,  # finetune: the unfrozen phase's peak rate
             "wall_s": round(wall, 3),
             "items_per_s": state.train_items / state.train_seconds if state.train_seconds else None,
             "split": self.learner.data.split if self.learner else {},

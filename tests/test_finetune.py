@@ -41,3 +41,83 @@ def test_init_from_a_run_of_another_family_is_refused(penguins_run: Path, tmp_pa
         "train", *PENGUINS, f"model.init_from={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'r2'}"
     )
     assert_user_error(proc, "does not exist")
+
+
+# --- two phases: the body frozen, then everything (finetune.freeze_epochs) ------------
+
+TINY = ("trainer.limit_batches=4", "trainer.progress=false", "seed=3")
+
+
+def test_frozen_phase_trains_only_the_head_and_norms_then_everything(tmp_path: Path, monkeypatch) -> None:
+    from dlrun import finetune
+    from dlrun import train as loop
+    from dlrun.learner import prepare
+
+    cfg = compose("model=cnn", *TINY, "finetune.freeze_epochs=1", "trainer.epochs=1", "optimizer.lr_mult=0.1")
+    learner = prepare(cfg)
+    start = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    at_boundary = {}
+    unfreeze = finetune.unfreeze
+
+    def record(model) -> None:
+        at_boundary.update({k: v.clone() for k, v in model.state_dict().items()})
+        unfreeze(model)
+
+    monkeypatch.setattr(finetune, "unfreeze", record)
+    summary = loop.fit(cfg, tmp_path, learner)
+    conv, bn, head = "features.0.0.weight", "features.0.1.weight", "head.3.weight"
+    assert torch.equal(at_boundary[conv], start[conv])  # the body's convolutions: frozen
+    assert not torch.equal(at_boundary[bn], start[bn])  # its batch norm: trained (train_bn)
+    assert not torch.equal(at_boundary[head], start[head])
+    after = learner.model.state_dict()
+    assert not torch.equal(after[conv], at_boundary[conv])  # then everything trains
+    assert summary["epochs"] == 2 and summary["lr_unfrozen"] == pytest.approx(summary["lr"] / 2)
+    assert all(p.requires_grad for p in learner.model.parameters())
+
+
+def test_phases_with_lr_find_resume_exactly(tmp_path: Path, monkeypatch) -> None:
+    from test_failures import StopAfter
+
+    from dlrun import train as loop
+
+    args = ("model=tabular", *TINY, "finetune.freeze_epochs=1", "trainer.epochs=2", "optimizer.lr=find")
+    args += ("lr_find.num_it=20", "optimizer.lr_mult=0.01")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir()
+    cut.mkdir()
+    whole = loop.fit(compose(*args), full)
+    assert (full / "lr_find.png").is_file() and (full / "lr_find_unfrozen.png").is_file()
+    monkeypatch.setattr(loop, "StopRequest", lambda: StopAfter(2))  # inside the frozen epoch
+    with pytest.raises(loop.Interrupted):
+        loop.fit(compose(*args), cut)
+    monkeypatch.undo()
+    resumed = loop.fit(compose(*args, f"resume={cut}"), cut)
+    assert resumed["final"] == whole["final"] and resumed["lr_unfrozen"] == whole["lr_unfrozen"]
+
+
+def test_a_model_of_one_layer_group_cannot_be_frozen(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from dlrun.errors import DlrunError
+    from dlrun.family import register_model
+    from dlrun.finetune import freeze
+
+    register_model("one_linear", SimpleNamespace(build=lambda cfg, facts: torch.nn.Linear(2, 2)))
+    cfg = compose("model=cnn", "finetune.freeze_epochs=1")
+    cfg.model.name = "one_linear"
+    with pytest.raises(DlrunError, match="is one layer group: set finetune.freeze_epochs=0"):
+        freeze(cfg, torch.nn.Linear(2, 2))
+    proc = dlrun("train", "finetune.freeze_epochs=-1", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_user_error(proc, "finetune.freeze_epochs=-1 is not allowed")
+
+
+def test_experiment_finetune_with_local_weights(tmp_path: Path) -> None:
+    """The ready recipe: a pretrained ResNet (weights written from a random init, as torchvision
+    saves them), one frozen epoch, lr_mult 0.01."""
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    run = tmp_path / "run"
+    proc = train(run, "experiment=finetune", f"model.weights_path={weights}", "trainer.epochs=1", *TINY)
+    assert "all layers unfrozen" in proc.stdout and "first layer group at" in proc.stdout
