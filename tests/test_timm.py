@@ -81,6 +81,11 @@ def test_user_errors(run_dir: Path, tmp_path: Path) -> None:
         ),
         "no such file",
     )  # fmt: skip
+    assert_user_error(
+        dlrun("train", "model=timm", "model.arch=convnext_atto", f"hydra.run.dir={tmp_path / 'r4'}"),
+        "model.arch=convnext_atto cannot take 8x8 images",
+        "data.size=N",
+    )
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not weights")
     assert_user_error(

@@ -97,7 +97,7 @@ def build(cfg: Any, facts: ImageFacts) -> nn.Module:
         level = hub_log.level
         hub_log.setLevel(logging.ERROR)  # offline, the hub logs each failed request before raising
         try:
-            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+            model = timm.create_model(arch, pretrained=pretrained, **kwargs)
         finally:
             hub_log.setLevel(level)
     except (OSError, RuntimeError, ValueError) as e:
@@ -109,3 +109,26 @@ def build(cfg: Any, facts: ImageFacts) -> nn.Module:
             "already in the Hugging Face cache; set model.weights_path=FILE to a downloaded file, "
             "or train from scratch with model.pretrained=false"
         ) from None
+    check_size(model, facts, arch, int(pcfg.input_size[-1]))
+    return model
+
+
+def check_size(model: nn.Module, facts: ImageFacts, arch: str, native: int) -> None:
+    """One image through the model now: an architecture whose downsampling needs larger images
+    (convnext on 8x8 digits) is a user error before training, not a traceback in its first step."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, facts.channels, *facts.size))
+    except RuntimeError as e:
+        h, w = facts.size
+        raise DlrunError(
+            f"model.arch={arch} cannot take {h}x{w} images ({str(e).strip().splitlines()[-1][:120]}): "
+            f"resize them with data.size=N (its pretrained weights saw {native}x{native}), "
+            "or pick another arch"
+        ) from None
+    finally:
+        model.train(was_training)
