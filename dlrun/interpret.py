@@ -26,7 +26,7 @@ from typing import Any
 
 from dlrun import report, rundir
 from dlrun.errors import DlrunError, parse_args
-from dlrun.predict import BAR_AFTER, write_csv
+from dlrun.outputs import BAR_AFTER, write_csv
 
 USAGE = "dlrun interpret RUN_DIR [-o DIR] [--top N] [--weights best|last] [--device D]"
 FOLDER = "interpret"  # RUN_DIR/interpret/ unless -o says otherwise

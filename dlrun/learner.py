@@ -112,9 +112,9 @@ class Learner:
 
 def start_from(model: torch.nn.Module, run_dir: str) -> None:
     """`model.init_from`: another run's weights where they fit, and say which did not."""
-    from dlrun import report, saved
+    from dlrun import report, rundir
 
-    loaded, left = saved.init_from(model, run_dir)
+    loaded, left = rundir.init_from(model, run_dir)
     line = f"model.init_from: loaded {len(loaded)} of {len(loaded) + len(left)} tensors from {run_dir}"
     if left:
         line += f"; left as initialised: {', '.join(left[:6])}" + (

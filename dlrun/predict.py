@@ -19,22 +19,20 @@ batch size, so predicting the validation rows reproduces `dlrun eval`'s metrics 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dlrun import report, rundir
 from dlrun.errors import DlrunError, parse_args
+from dlrun.outputs import Result, run, write_csv
 
 USAGE = (
     "dlrun predict RUN_DIR INPUT [-o FILE] [--id COL] [--skip-rows N] [--no-probs] [--top-k K] [--tta] "
     "[--bs N] [--device D] [--weights best|last] [--json FILE]"
 )
 PREDICTIONS = "predictions"  # RUN_DIR/predictions/<input>.csv unless -o says otherwise
-BAR_AFTER = 20  # batches: fewer finish before a progress bar would be worth drawing
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -80,18 +78,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.top_k < 1:
         raise DlrunError(f"--top-k {args.top_k} is not allowed: give at least 1")
     return args
-
-
-@dataclass
-class Result:
-    """What a prediction wrote and measured."""
-
-    output: Path | None
-    rows: int  # predictions written
-    what: str  # rows | images | tokens
-    metrics: dict[str, float] = field(default_factory=dict)  # when the input has targets
-    skipped: list[str] = field(default_factory=list)  # inputs left out, each with the reason
-    notes: list[str] = field(default_factory=list)  # lines for the user
 
 
 def main(argv: list[str]) -> None:
@@ -158,58 +144,6 @@ def tell(result: Result) -> None:
         out.print(f"{shown} ({result.rows} {result.what})", markup=False, highlight=False, soft_wrap=True)
     if result.output is not None:
         out.print(f"wrote {result.output}", markup=False, highlight=False, soft_wrap=True)
-
-
-# --- running batches ------------------------------------------------------------------
-
-
-def run(
-    model: Any,
-    batches: Iterable[tuple[Any, Any]],
-    total: int,
-    what: str,
-    loss: Callable[[Any, Any], Any] | None = None,
-    metrics: Any = None,
-    count: Callable[[Any], int] | None = None,
-    keep: bool = True,
-) -> tuple[list[Any], dict[str, float]]:
-    """The model's outputs for `batches` of (x, y) (y None when there is no target), moved to the
-    CPU as float32 when `keep`; with `loss` and `metrics` also the validation loss and metrics
-    over the batches with a target, accumulated as `dlrun eval` does. A progress bar on the
-    terminal for `total` batches when there are many."""
-    import torch
-
-    outs: list[Any] = []
-    loss_sum, n = None, 0
-    with report.bar(total if total >= BAR_AFTER else 0, what) as advance, torch.no_grad():
-        for x, y in batches:
-            out = model(x)
-            if keep:
-                outs.append(out.float().cpu())
-            if y is not None and loss is not None:
-                k = count(y) if count else y.shape[0]
-                part = loss(out, y).float() * k
-                loss_sum = part if loss_sum is None else loss_sum + part
-                n += k
-                metrics.update(out, y)
-            advance()
-    scores: dict[str, float] = {}
-    if loss_sum is not None and n:
-        valid_loss = (loss_sum / n).item()
-        scores = {"valid_loss": valid_loss, **metrics.compute(valid_loss)}
-    return outs, scores
-
-
-def write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
-    """A CSV file, written atomically (a crash never leaves half a submission)."""
-
-    def write(f: Any) -> None:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rundir.write_atomic(path, write)
 
 
 # --- tables ---------------------------------------------------------------------------

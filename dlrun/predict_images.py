@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
-from dlrun import predict as prediction
+from dlrun import outputs
 from dlrun.data.imagefolder import IMAGE_SUFFIXES, ImageFiles
 from dlrun.errors import DlrunError, first_line
 from dlrun.losses import classification_loss
@@ -43,7 +43,7 @@ CORNER = 0.9  # files --tta: the corner crops cover this much of the centre squa
 READERS = 4  # threads decoding images (PIL releases the GIL while it decodes)
 
 
-def predict(model: Any, source: Path, output: Path, args: argparse.Namespace) -> prediction.Result:
+def predict(model: Any, source: Path, output: Path, args: argparse.Namespace) -> outputs.Result:
     """One CSV row per image read (see the module's docstring); unreadable files are skipped
     and named in `Result.skipped`."""
     prep = model.prep
@@ -58,7 +58,7 @@ def predict(model: Any, source: Path, output: Path, args: argparse.Namespace) ->
         batches = read_batches(paths, labels, pixels, bs, pool, done, ys, skipped)
         net = TTA(model.model) if args.tta else (lambda views: model.model(views[0]))
         loss, metrics = (classification_loss, Accuracy()) if labels is not None else (None, None)
-        outs, scores = prediction.run(net, batches, math.ceil(len(paths) / bs), "images", loss, metrics)
+        outs, scores = outputs.run(net, batches, math.ceil(len(paths) / bs), "images", loss, metrics)
     if not done:
         raise DlrunError(
             f"none of the {len(skipped)} image(s) in {source} could be read, e.g. {skipped[0]}: "
@@ -67,7 +67,7 @@ def predict(model: Any, source: Path, output: Path, args: argparse.Namespace) ->
     probs = torch.softmax(torch.cat(outs), -1)
     k = min(args.top_k, len(classes))
     write_predictions(output, done, probs, classes, k, labels is not None)
-    result = prediction.Result(output, len(done), "images", scores, skipped)
+    result = outputs.Result(output, len(done), "images", scores, skipped)
     if args.tta:
         describe_tta(result, net, pixels, ys, labels is not None)
     if kind == "folder" and labels is None and any(len(p.relative_to(source).parts) > 1 for p in paths):
@@ -290,13 +290,13 @@ class TTA:
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
-def describe_tta(result: prediction.Result, net: TTA, pixels: Any, ys: list[Any], labelled: bool) -> None:
+def describe_tta(result: outputs.Result, net: TTA, pixels: Any, ys: list[Any], labelled: bool) -> None:
     """Say which views were averaged and, with labels, the metrics without TTA beside them."""
     views = f"TTA: {net.views} views per image (centre, {pixels.describe()})"
     if not labelled:
         result.notes.append(views)
         return
-    _, plain = prediction.run(
+    _, plain = outputs.run(
         lambda out: out, zip(net.centre, ys), 0, "images", classification_loss, Accuracy()
     )
     tta = dict(result.metrics)
@@ -333,4 +333,4 @@ def write_predictions(
                 row += [classes[i], f"{p:.6g}"]
             yield row + ([classes[label]] if labelled else [])
 
-    prediction.write_csv(output, header, rows())
+    outputs.write_csv(output, header, rows())

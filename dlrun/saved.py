@@ -85,28 +85,6 @@ class Saved:
         return self.doc["model"]["name"]
 
 
-def init_from(model: torch.nn.Module, run_dir: str | Path) -> tuple[list[str], list[str]]:
-    """Copy into `model` the best weights of another run wherever a tensor of the same name and
-    shape exists (a language model's encoder into a classifier, a pretrained body under a new
-    head); returns (loaded names, names of `model` left as initialised)."""
-    import torch
-
-    path = rundir.existing_run(run_dir, need=rundir.BEST)
-    theirs = rundir.load_torch(path / rundir.BEST)["model"]
-    theirs = {k.removeprefix("_orig_mod."): v for k, v in theirs.items()}
-    ours = model.state_dict()
-    loaded = [k for k, v in ours.items() if k in theirs and theirs[k].shape == v.shape]
-    if not loaded:
-        raise DlrunError(
-            f"model.init_from={run_dir}: none of its weights fit this model (no tensor with the same "
-            f"name and shape): start from a run of the same model family, or drop model.init_from"
-        )
-    with torch.no_grad():
-        for k in loaded:
-            ours[k].copy_(theirs[k])
-    return loaded, [k for k in ours if k not in set(loaded)]
-
-
 def read_doc(run_dir: Path) -> dict[str, Any]:
     """model.json of `run_dir`, checked; an older run directory or a damaged file is a user error."""
     path = Path(run_dir) / MODEL_FILE

@@ -115,7 +115,7 @@ def test_the_loop_knows_no_family(module):
         ("optimizer.name=lamb", "adam, adamw, sgd"),
         ("schedule.name=linear", "constant, cosine, onecycle, sgdr"),
         ("data.kind=parquet", "digits, imagefolder, tabular, text, torchvision_sets"),
-        ("model.name=vgg", "cnn, resnet, rnn, tabular, transformer"),
+        ("model.name=vgg", "cnn, resnet, rnn, tabular, timm, transformer"),
     ],
 )
 def test_an_unknown_name_lists_the_known_ones(override, known, run_dir):
