@@ -464,6 +464,7 @@ def test_lr_find_on_mnist(tmp_path):
     assert json.loads((tmp_path / "run" / "lr_find.json").read_text())["lr"] > 0
 
 
+@pytest.mark.slow  # make test-slow: the fast suite stays under 10 minutes on 2 cores
 @pytest.mark.skipif(
     not (SHARED_DATA / "mnist" / "MNIST" / "raw").is_dir(), reason="needs MNIST in ../shared/data/mnist"
 )

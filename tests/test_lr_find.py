@@ -100,6 +100,7 @@ def test_lr_find_writes_its_outputs_and_shows_the_curve(run_dir):
     assert "learning rate (log)" in proc.stdout and "suggested lr" in proc.stdout
 
 
+@pytest.mark.slow  # make test-slow: the fast suite stays under 10 minutes on 2 cores
 def test_same_seed_same_suggestion_and_lr_find_equals_training_with_it_by_hand(tmp_path):
     found, again, auto, by_hand = (tmp_path / n for n in ("found", "again", "auto", "by_hand"))
     for d in (found, again):

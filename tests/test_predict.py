@@ -65,12 +65,23 @@ def validation_rows(run: Path, path: Path, out: Path) -> Path:
 
 
 def predict(run: Path, source: Path, *args: str) -> tuple[pd.DataFrame | None, dict]:
+    """`dlrun predict` in this process (the command line itself is tested by the acceptance
+    test and the exit-code checks): the written CSV and the --json summary."""
+    from dlrun.predict import main
+
     summary = source.parent / "summary.json"
     out = source.parent / "out.csv"
-    proc = dlrun("predict", str(run), str(source), "-o", str(out), "--json", str(summary), *args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
+    main([str(run), str(source), "-o", str(out), "--json", str(summary), *args])
     return pd.read_csv(out, dtype=str, keep_default_na=False), json.loads(summary.read_text())
+
+
+def refused(*args: str, match: str) -> None:
+    """`dlrun predict ARGS` stops with a user error (exit 2 on the command line) matching `match`."""
+    from dlrun.errors import DlrunError
+    from dlrun.predict import main
+
+    with pytest.raises(DlrunError, match=match):
+        main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +112,10 @@ def test_model_json_holds_the_preprocessing(people_run) -> None:
 
 def test_table_predict_reproduces_eval_without_the_training_data(people_run) -> None:
     run, valid, metrics, _ = people_run
-    out, summary = predict(run, valid)
+    summary_path, out_path = valid.parent / "cli.json", valid.parent / "cli.csv"
+    proc = dlrun("predict", str(run), str(valid), "-o", str(out_path), "--json", str(summary_path))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    out, summary = pd.read_csv(out_path, dtype=str), json.loads(summary_path.read_text())
     assert summary["metrics"]["accuracy"] == metrics["accuracy"]
     assert summary["metrics"]["valid_loss"] == metrics["valid_loss"]
     assert len(out) == len(pd.read_csv(valid))
@@ -155,8 +169,8 @@ def test_bad_values_are_refused_by_row(people_run, tmp_path: Path) -> None:
     df = pd.read_csv(valid, dtype=str)
     df.loc[3, "age"] = "forty"
     df.to_csv(tmp_path / "bad.csv", index=False)
-    assert_user_error(dlrun("predict", str(run), str(tmp_path / "bad.csv")), "'forty'", "data row 4")
-    assert_user_error(dlrun("predict", str(run), str(valid), "--id", "Idd"), "--id Idd", "did you mean 'Id'")
+    refused(run, tmp_path / "bad.csv", match="'forty'.*data row 4")
+    refused(run, valid, "--id", "Idd", match="--id Idd.*did you mean 'Id'")
 
 
 def test_unseen_class_in_the_target_is_left_out_of_the_metrics(people_run, tmp_path: Path) -> None:
@@ -199,7 +213,7 @@ def test_a_run_without_model_json_gets_a_clear_error(people_run, tmp_path: Path)
     (old / "model.json").unlink()
     assert_user_error(dlrun("predict", str(old), str(valid)), "has no model.json", "train it again")
     (old / "model.json").write_text("{not json")
-    assert_user_error(dlrun("predict", str(old), str(valid)), "model.json", "damaged")
+    refused(old, valid, match="model.json.*damaged")
 
 
 @pytest.mark.parametrize(
@@ -214,16 +228,16 @@ def test_a_tampered_model_json_is_refused(people_run, tmp_path: Path, field: str
     prep = doc["preprocess"]
     prep[field] = {**prep[field], **value} if isinstance(value, dict) else value
     (bad / "model.json").write_text(json.dumps(doc))
-    assert_user_error(dlrun("predict", str(bad), str(valid)), "model.json", "damaged")
+    refused(bad, valid, match="model.json.*damaged")
 
 
 def test_predict_user_errors(people_run, tmp_path: Path) -> None:
     run, valid, _, _ = people_run
-    assert_user_error(dlrun("predict", str(run), str(tmp_path / "nope.csv")), "does not exist")
-    assert_user_error(dlrun("predict", str(tmp_path / "nowhere"), str(valid)), "does not exist")
+    refused(run, tmp_path / "nope.csv", match="does not exist")
+    refused(tmp_path / "nowhere", valid, match="does not exist")
     assert_user_error(dlrun("predict", str(run)), "usage: dlrun predict")
-    assert_user_error(dlrun("predict", str(run), str(valid), "--bs", "0"), "--bs 0")
-    assert_user_error(dlrun("predict", str(run), str(valid), "-o", str(tmp_path)), "is a folder")
+    refused(run, valid, "--bs", "0", match="--bs 0")
+    refused(run, valid, "-o", tmp_path, match="is a folder")
 
 
 # --- language models ------------------------------------------------------------------
@@ -245,12 +259,13 @@ def test_text_predict_reproduces_eval_perplexity(tmp_path: Path, monkeypatch: py
     metrics = evaluate(run)
     shutil.copy(corpus / "valid.txt", tmp_path / "valid.txt")
     shutil.rmtree(corpus)
-    proc = dlrun("predict", str(run), str(tmp_path / "valid.txt"), "--json", str(tmp_path / "s.json"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from dlrun.predict import main
+
+    main([str(run), str(tmp_path / "valid.txt"), "--json", str(tmp_path / "s.json")])
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["metrics"]["perplexity"] == metrics["perplexity"]
     assert summary["metrics"]["bpc"] == metrics["bpc"]
     written = pd.read_csv(summary["output"])
     assert written["perplexity"].iloc[0] == pytest.approx(metrics["perplexity"])
     (tmp_path / "one.txt").write_text("a", encoding="utf-8")
-    assert_user_error(dlrun("predict", str(run), str(tmp_path / "one.txt")), "at least 2")
+    refused(run, tmp_path / "one.txt", match="at least 2")

@@ -118,6 +118,7 @@ def test_a_damaged_vocab_json_is_a_user_error(doc: str, tmp_path: Path) -> None:
 # --- through the CLI ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-slow: the fast suite stays under 10 minutes on 2 cores
 def test_word_model_on_a_pretokenised_corpus(ptb: Path, run_dir: Path) -> None:
     """The acceptance test of item 2: tokens = words + lines, `<unk>` and `n't` kept as written."""
     train(run_dir, *TINY, "data=text", f"data.path={ptb}", "data.tokens=word", "data.tokenizer=whitespace")
@@ -160,6 +161,7 @@ def test_an_unknown_tokenizer_is_refused(run_dir: Path) -> None:
 # --- recipes ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-slow: the fast suite stays under 10 minutes on 2 cores
 @pytest.mark.parametrize("recipe", ["char_lm_small", "word_lm_small"])
 def test_cpu_recipes_train_on_the_bundled_corpus(recipe: str, run_dir: Path) -> None:
     """One batch of each CPU recipe, as the README runs it (the full runs take 10-15 minutes)."""

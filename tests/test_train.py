@@ -39,6 +39,7 @@ def test_a_run_writes_every_output(run_dir):
     assert ckpt["state"]["epoch"] == 2 and "model" in ckpt and "optimizer" in ckpt
 
 
+@pytest.mark.slow  # make test-slow: the fast suite stays under 10 minutes on 2 cores
 def test_same_seed_gives_the_same_numbers(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d in (a, b):
@@ -77,6 +78,7 @@ def test_precision_16_on_cpu_is_refused(run_dir):
     )
 
 
+@pytest.mark.slow  # make test-slow: the fast suite stays under 10 minutes on 2 cores
 def test_bf16_autocast_and_clipping_and_every_optimizer_and_schedule_train(tmp_path):
     for i, extra in enumerate(
         [
@@ -99,6 +101,7 @@ def test_eval_reports_the_best_epoch_metrics(run_dir):
     assert f"{best['accuracy']:.4f}" in proc.stdout
 
 
+@pytest.mark.slow  # make test-slow: the fast suite stays under 10 minutes on 2 cores
 def test_ctrl_c_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     args = [*QUICK, "trainer.epochs=40", "trainer.limit_batches=3", "seed=1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
