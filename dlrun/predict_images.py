@@ -296,9 +296,7 @@ def describe_tta(result: outputs.Result, net: TTA, pixels: Any, ys: list[Any], l
     if not labelled:
         result.notes.append(views)
         return
-    _, plain = outputs.run(
-        lambda out: out, zip(net.centre, ys), 0, "images", classification_loss, Accuracy()
-    )
+    _, plain = outputs.run(lambda out: out, zip(net.centre, ys), 0, "images", classification_loss, Accuracy())
     tta = dict(result.metrics)
     result.metrics.update({f"{k}_no_tta": v for k, v in plain.items()})
     change = tta["accuracy"] - plain["accuracy"]

@@ -57,6 +57,32 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
         assert fragment in out, out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one CPU thread, in this process and in the `dlrun` subprocesses,
+    and stay fast when the machine is busy (two threads of many tiny kernels slow down tenfold
+    when other processes want the cores). Modules use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:  # module scope: before the module's training fixtures
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
+def prose(folder: Path, topics: int, chars: int) -> Path:
+    """Real English prose from the bundled pydoc corpus (its first `topics` topics, at most
+    `chars` characters), as a user's book.txt in `folder`."""
+    from pydoc_data.topics import topics as all_topics
+
+    path = folder / "book.txt"
+    path.write_text("\n".join(all_topics[k] for k in list(all_topics)[:topics])[:chars], encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

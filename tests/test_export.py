@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, assert_user_error, dlrun, train
+from conftest import REPO, assert_user_error, dlrun, prose, train
 
 from dlrun import export, saved
 from dlrun.errors import DlrunError
@@ -34,16 +34,7 @@ TINY_LM = [  # tests/test_rnn.py's tiny char model: one epoch in well under a se
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train and export fastest on one CPU thread, here and in the `dlrun train`
-    subprocesses (as in test_rnn.py): 26 s for this file against 34 s with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +54,7 @@ def table_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 20 KB of real English prose from the bundled corpus, as a user's .txt file."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "book.txt"
-    path.write_text("\n".join(topics[k] for k in list(topics)[:12])[:20_000], encoding="utf-8")
-    return path
+    return prose(tmp_path_factory.mktemp("corpus"), 12, 20_000)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DLRUN, QUICK, assert_user_error, compose, dlrun, metrics_rows, summary, train
+from conftest import DLRUN, QUICK, assert_user_error, compose, dlrun, metrics_rows, prose, summary, train
 from test_failures import StopAfter
 from test_images import image_folder
 
@@ -37,23 +37,13 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one CPU thread, and stay fast when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 8 KB of real English prose, as a user's .txt file."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "book.txt"
-    path.write_text("\n".join(topics[k] for k in list(topics)[:8])[:8_000], encoding="utf-8")
-    return path
+    return prose(tmp_path_factory.mktemp("corpus"), 8, 8_000)
 
 
 @pytest.fixture(scope="module")

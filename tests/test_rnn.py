@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, dlrun, summary, train
+from conftest import assert_user_error, dlrun, prose, summary, train
 from omegaconf import OmegaConf
 
 from dlrun.data.text import StreamBatches, Vocab, tokenize, window_lengths
@@ -27,21 +27,13 @@ TINY = [
 NO_DROP = dict.fromkeys(("embed", "input", "hidden", "weight", "output"), 0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small recurrent models run fastest on one CPU thread, and stay fast when the machine is busy
-    (two threads of many tiny kernels slow down tenfold when other processes want the cores)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 20 KB of real English prose from the bundled corpus, as a user's .txt file."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "book.txt"
-    path.write_text("\n".join(topics[k] for k in list(topics)[:12])[:20_000], encoding="utf-8")
-    return path
+    return prose(tmp_path_factory.mktemp("corpus"), 12, 20_000)
 
 
 # --- batching ------------------------------------------------------------------

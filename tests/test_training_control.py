@@ -24,13 +24,7 @@ from dlrun.optim import build_optimizer
 QUICK = ("trainer.progress=false", "seed=3")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one CPU thread, and stay fast when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- early stopping ----------------------------------------------------------------

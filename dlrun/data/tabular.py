@@ -212,15 +212,23 @@ def read_table(dcfg: Any) -> pd.DataFrame:
     text = set(_names(dcfg, "cat_names") + _names(dcfg, "date_names"))
     if str(dcfg.get("task")) == "classification":
         text.add(str(dcfg.y_name))
+    na_values = [str(v) for v in dcfg.get("na_values") or []]
+    return read_columns(path, 0 if header else None, columns, used, text, na_values, options, sep)
+
+
+def read_columns(
+    path: Path, header: int | None, columns: list[str], used: set[str], text: set[str],
+    na_values: list[str], options: dict[str, Any], sep: str,
+) -> pd.DataFrame:  # fmt: skip
+    """The `used` columns of the file (named `columns`), those in `text` read as text, as written."""
     try:
         with warnings.catch_warnings():
             # A column pandas typed chunk by chunk is still read right: a continuous one that
             # holds text is an error naming the value (`numbers`), a target's levels are strings.
             warnings.simplefilter("ignore", pd.errors.DtypeWarning)
             df = pd.read_csv(
-                path, header=0 if header else None, names=columns,
-                usecols=[c for c in columns if c in used], dtype={c: str for c in used & text},
-                na_values=[str(v) for v in dcfg.get("na_values") or []], **options,
+                path, header=header, names=columns, usecols=[c for c in columns if c in used],
+                dtype={c: str for c in used & text}, na_values=na_values, **options,
             )  # fmt: skip
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
@@ -277,19 +285,8 @@ def read_inputs(path: Path, prep: TablePrep, id_col: str | None = None, skip_row
     text = set(prep.cat_names + prep.date_names) | {c for c in (id_col,) if c}
     if prep.task == "classification":
         text.add(prep.y_name)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", pd.errors.DtypeWarning)
-            df = pd.read_csv(
-                path, header=header, names=columns, usecols=[c for c in columns if c in used],
-                dtype={c: str for c in used & text}, na_values=[str(v) for v in read.get("na_values") or []],
-                **options,
-            )  # fmt: skip
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise DlrunError(f"cannot read {path} as a CSV table (data.sep={sep!r}): {e}") from None
-    if df.empty:
-        raise DlrunError(f"{path} has no data rows")
-    return df
+    na_values = [str(v) for v in read.get("na_values") or []]
+    return read_columns(path, header, columns, used, text, na_values, options, sep)
 
 
 def first_rows(path: Path, options: dict[str, Any], sep: str) -> pd.DataFrame:
