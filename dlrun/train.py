@@ -279,7 +279,8 @@ def fit(
                     save_best(run_dir / rundir.BEST, learner, epoch + 1, scores)
             if tr.checkpoint:
                 checkpoint()
-    return summary.write("completed", metrics_log.rows, stopped_early=stopped)
+        # Still under StopRequest: a Ctrl-C or SIGTERM now lets the finished run write its summary.
+        return summary.write("completed", metrics_log.rows, stopped_early=stopped)
 
 
 def finished(run_dir: Path) -> bool:
