@@ -251,7 +251,7 @@ def shown_classes(cm: Any) -> list[int]:
 
 def plot_confusion(cm: Any, classes: list[str], path: Path) -> None:
     """confusion.png: counts, actual classes down, predicted across, as fastai plots them."""
-    plt = pyplot()
+    plt = report.pyplot()
     keep = shown_classes(cm)
     sub = cm[keep][:, keep]
     names = [short(classes[i]) for i in keep]
@@ -272,7 +272,7 @@ def plot_confusion(cm: Any, classes: list[str], path: Path) -> None:
     if len(keep) < len(classes):
         title += f" ({len(keep)} most confused of {len(classes)} classes)"
     ax.set_title(title)
-    save(fig, path)
+    report.save_figure(fig, path)
 
 
 def plot_top_images(items: Items, facts: Any, classes: list[str], probs: Any, path: Path, n: int) -> None:
@@ -280,7 +280,7 @@ def plot_top_images(items: Items, facts: Any, classes: list[str], probs: Any, pa
     each titled prediction/actual, then loss / probability of the prediction (fastai's layout)."""
     import torch
 
-    plt = pyplot()
+    plt = report.pyplot()
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.7 * rows), squeeze=False)
@@ -303,7 +303,7 @@ def plot_top_images(items: Items, facts: Any, classes: list[str], probs: Any, pa
             fontsize=8,
         )
     fig.suptitle("prediction/actual\nloss / probability", fontsize=10)
-    save(fig, path)
+    report.save_figure(fig, path)
 
 
 def valid_files(valid: Any) -> list[str] | None:
@@ -397,7 +397,7 @@ def plot_pred_vs_actual(actual: Any, pred: Any, y_name: str, log_y: bool, path: 
     target's own scale, and the diagonal where a perfect model's points would lie."""
     import numpy as np
 
-    plt = pyplot()
+    plt = report.pyplot()
     if len(actual) > MAX_POINTS:
         pick = np.random.default_rng(0).choice(len(actual), MAX_POINTS, replace=False)
         actual, pred = actual[pick], pred[pick]
@@ -410,7 +410,7 @@ def plot_pred_vs_actual(actual: Any, pred: Any, y_name: str, log_y: bool, path: 
     ax.set_title(f"validation rows ({'exp of the log-scale prediction' if log_y else 'original scale'})")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
-    save(fig, path)
+    report.save_figure(fig, path)
 
 
 def plot_residuals(
@@ -418,7 +418,7 @@ def plot_residuals(
 ) -> None:
     """residuals.png: the residuals (actual - predicted) of the MAX_LEVELS most frequent levels of
     `column` (`rows`: `residuals_by_level`), one box each, the mean marked."""
-    plt = pyplot()
+    plt = report.pyplot()
     shown = rows[:MAX_LEVELS]
     groups = [residual[levels == lv] for lv, *_ in shown]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(shown) + 2), 5))
@@ -430,27 +430,10 @@ def plot_residuals(
     more = f"\n(the {len(shown)} most frequent of {len(rows)} levels)" if len(rows) > len(shown) else ""
     ax.set_title(f"residuals by {column}{more}")
     ax.grid(axis="y", alpha=0.3)
-    save(fig, path)
+    report.save_figure(fig, path)
 
 
 # --- plotting -------------------------------------------------------------------------
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot, drawing to files only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save(fig: Any, path: Path) -> None:
-    """Write a figure as PNG atomically and free it."""
-    fig.tight_layout()
-    rundir.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
-    pyplot().close(fig)
 
 
 def short(name: str, width: int = 15) -> str:

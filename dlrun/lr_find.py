@@ -246,11 +246,7 @@ def save(result: dict[str, Any], run_dir: Path, stem: str = "lr_find") -> None:
 
 def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:
     """Smoothed loss against lr (log scale), the suggestions marked; one curve per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"minimum": "v", "steep": "o", "valley": "*", "slide": "D"}
     for label, r in curves:
@@ -274,9 +270,7 @@ def plot(curves: list[tuple[str | None, dict[str, Any]]], path: Path) -> None:
         ax.set_ylim(lo - 0.05 * abs(lo), max(first, lo) * 1.5 + 1e-3)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def show(result: dict[str, Any]) -> None:

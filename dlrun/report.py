@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dlrun import rundir
+
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("dlrun")
@@ -198,13 +200,27 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
     return t
 
 
-def plot_losses(rows: list[dict[str, float]], path: Path) -> None:
-    """loss.png: train and valid loss per epoch."""
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay a figure out, write it as PNG atomically (a kill mid-write never leaves half a plot)
+    and free it."""
+    fig.tight_layout()
+    rundir.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    pyplot().close(fig)
+
+
+def plot_losses(rows: list[dict[str, float]], path: Path) -> None:
+    """loss.png: train and valid loss per epoch."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in rows]
     for key in ("train_loss", "valid_loss"):
@@ -213,9 +229,7 @@ def plot_losses(rows: list[dict[str, float]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def text_curve(

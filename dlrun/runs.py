@@ -148,11 +148,7 @@ def plot_sweep(records: list[dict[str, Any]], path: Path) -> None:
     done = [r for r in records if r["value"] == r["value"]]
     if not swept or not done:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, len(swept), figsize=(4.5 * len(swept), 3.6), squeeze=False)
     for ax, key in zip(axes[0], swept):
         values = [r["overrides"].get(key, "") for r in done]
@@ -164,9 +160,7 @@ def plot_sweep(records: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(key)
         ax.set_ylabel(done[0]["monitor"])
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: list[str]) -> None:
