@@ -40,14 +40,9 @@ def main(argv: list[str]) -> None:
     """`dlrun eval RUN_DIR [--weights last] [--device cpu]`."""
     parser = argparse.ArgumentParser(prog="dlrun eval", description="Validation metrics of a saved run.")
     parser.add_argument("run_dir", help="a run directory written by dlrun train")
-    parser.add_argument(
-        "--weights",
-        choices=["best", "last"],
-        default="best",
-        help="best.pt (default) or the last checkpoint.pt",
-    )
+    rundir.add_weights_option(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
     args = parser.parse_args(argv)
-    weights = rundir.BEST if args.weights == "best" else rundir.CHECKPOINT
+    weights = rundir.WEIGHTS[args.weights]
     metrics = evaluate_run(args.run_dir, weights, args.device)
     report.console.print(report.table(f"{args.run_dir} ({weights})", list(metrics), [list(metrics.values())]))

@@ -65,9 +65,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         metavar="DIR",
         help=f"the folder to write into (default RUN_DIR/{EXPORT}/)",
     )
-    parser.add_argument(
-        "--weights", choices=["best", "last"], default="best", help="best.pt (default) or checkpoint.pt"
-    )
+    rundir.add_weights_option(parser)
     parser.add_argument(
         "--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the exporter's own)"
     )
@@ -110,7 +108,7 @@ def main(argv: list[str]) -> None:
     if args.format == "onnx":
         require_onnx()
     run_dir = Path(args.run_dir).expanduser()
-    model = saved.load(run_dir, rundir.BEST if args.weights == "best" else rundir.CHECKPOINT, "cpu")
+    model = saved.load(run_dir, rundir.WEIGHTS[args.weights], "cpu")
     folder = Path(args.output).expanduser() if args.output else model.run_dir / EXPORT
     if folder.exists() and not folder.is_dir():
         raise DlrunError(

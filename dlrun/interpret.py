@@ -50,9 +50,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--top", type=int, default=9, metavar="N", help="the N worst validation items to show (9)"
     )
-    parser.add_argument(
-        "--weights", choices=["best", "last"], default="best", help="best.pt or checkpoint.pt"
-    )
+    rundir.add_weights_option(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
     args = parse_args(parser, argv, USAGE)
     if args.top < 1:
@@ -66,7 +64,7 @@ def main(argv: list[str]) -> None:
     from dlrun.evaluate import rebuild
 
     args = parse(argv)
-    weights = rundir.BEST if args.weights == "best" else rundir.CHECKPOINT
+    weights = rundir.WEIGHTS[args.weights]
     path = rundir.existing_run(args.run_dir, need=weights)
     cfg = load_saved(path)
     if cfg.data.get("family") == "text":

@@ -64,9 +64,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--bs", type=int, default=None, help="batch size (default: the run's data.bs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    parser.add_argument(
-        "--weights", choices=["best", "last"], default="best", help="best.pt or checkpoint.pt"
-    )
+    rundir.add_weights_option(parser)
     parser.add_argument(
         "--json", default=None, metavar="FILE", help="also write the summary (metrics...) here"
     )
@@ -88,9 +86,7 @@ def main(argv: list[str]) -> None:
     source = Path(args.input).expanduser()
     if not source.exists():
         raise DlrunError(f"INPUT {args.input} does not exist: give the file (or folder) to predict")
-    model = saved.load(
-        args.run_dir, rundir.BEST if args.weights == "best" else rundir.CHECKPOINT, args.device
-    )
+    model = saved.load(args.run_dir, rundir.WEIGHTS[args.weights], args.device)
     output = Path(args.output).expanduser() if args.output else default_output(model.run_dir, source)
     if output.exists() and output.is_dir():
         raise DlrunError(f"-o {output} is a folder: give a file name, e.g. -o {output / 'predictions.csv'}")

@@ -23,7 +23,17 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 LOSS_PLOT = "loss.png"
 CONFIG = Path(".hydra") / "config.yaml"
+# `--weights` of the commands that read a run (eval, predict, export, interpret): which file.
+WEIGHTS = {"best": BEST, "last": CHECKPOINT}
 OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+def add_weights_option(parser: Any) -> None:
+    """The `--weights best|last` option of an argparse `parser`; `WEIGHTS[args.weights]` is the file."""
+    parser.add_argument(
+        "--weights", choices=list(WEIGHTS), default="best",
+        help=f"best: {BEST}, the best epoch's weights (default); last: {CHECKPOINT}",
+    )  # fmt: skip
 
 
 def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
