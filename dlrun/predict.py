@@ -223,26 +223,20 @@ def target_for_metrics(prep: Any, df: Any) -> Any:
             f"INPUT has a {prep.y_name!r} column with a gap in data row {row + 1}: predictions are scored "
             f"against it when it is there; fill it in, or drop the column to predict without scores"
         )
-    y = prep.target(col)
-    if prep.task == "regression" and prep.log_y and bool((~(y > -np.inf)).any()):
-        raise DlrunError(f"INPUT's {prep.y_name!r} must be positive: the run was trained on its log")
-    return y
+    return prep.target(col)
 
 
 def table_scoring(prep: Any, y: Any) -> tuple[Any, Any]:
-    """The loss and metrics training used (`tabular.loss_and_metrics`), for the rows with a target."""
-    import numpy as np
-
+    """The loss and metrics training uses (`tabular.scoring`), for the rows with a target (with
+    classes: those whose class the run knows)."""
     from dlrun.data import tabular
-    from dlrun.losses import classification_loss
-    from dlrun.metrics import Accuracy
 
     if y is None:
         return None, None
+    loss, metrics = tabular.scoring(prep.task, prep.log_y, y)
     if prep.task == "classification":
-        return KnownOnly(classification_loss), KnownOnlyMetrics(Accuracy())
-    original = np.exp(y) if prep.log_y else y
-    return tabular.mse_loss, tabular.Metrics(prep.log_y, bool((original > 0).all()))
+        return KnownOnly(loss), KnownOnlyMetrics(metrics())
+    return loss, metrics()
 
 
 class KnownOnly:

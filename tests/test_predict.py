@@ -204,6 +204,10 @@ def test_regression_with_log_target_predicts_on_the_original_scale(tmp_path: Pat
     predicted, actual = out["sales"].astype(float), pd.read_csv(valid)["sales"]
     assert ((predicted - actual) ** 2).mean() ** 0.5 == pytest.approx(metrics["rmse"], rel=1e-4)
     assert predicted.min() > 20  # the original scale, not the log
+    zero = pd.read_csv(valid)
+    zero.loc[2, "sales"] = 0
+    zero.to_csv(tmp_path / "zero.csv", index=False)
+    refused(run, tmp_path / "zero.csv", match="needs a positive target, but 'sales' is 0 in data row 3")
 
 
 def test_a_run_without_model_json_gets_a_clear_error(people_run, tmp_path: Path) -> None:

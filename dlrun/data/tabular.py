@@ -677,11 +677,20 @@ class TablePrep:
 
     def target(self, y_raw: pd.Series) -> np.ndarray:
         """The target as the model is trained on it: class indices (-1 for a class the run never
-        saw) or float32 values (their log with `log_y`; rows must be checked positive first)."""
+        saw) or float32 values (their log with `log_y`, where a value that is not positive is
+        an error naming its row)."""
         if self.task == "classification":
             return pd.Index(self.classes).get_indexer(as_levels(y_raw)).astype(np.int64)
         y = numbers(y_raw, "data.y_name").to_numpy()
-        return (np.log(y) if self.log_y else y).astype(np.float32)
+        if self.log_y:
+            if (y <= 0).any():
+                row = int(np.flatnonzero(y <= 0)[0])
+                raise DlrunError(
+                    f"data.log_y=true needs a positive target, but {self.y_name!r} is {y[row]:g} in data "
+                    f"row {row + 1}: drop such rows or set data.log_y=false"
+                )
+            y = np.log(y)
+        return y.astype(np.float32)
 
 
 def derived_columns(
@@ -774,14 +783,6 @@ def process(df: pd.DataFrame, dcfg: Any) -> Table:
                 f"the target data.y_name={y_name!r} has one class ({prep.classes[0]!r}) in all {len(df)} "
                 "rows: a classifier needs at least two; check data.y_name "
                 "(or data.task=regression for a number)"
-            )
-    elif prep.log_y:
-        y = numbers(y_raw, "data.y_name").to_numpy()
-        if (y <= 0).any():
-            row = int(np.flatnonzero(y <= 0)[0])
-            raise DlrunError(
-                f"data.log_y=true needs a positive target, but {y_name!r} is {y[row]:g} in data row "
-                f"{row + 1}: drop such rows or set data.log_y=false"
             )
     y = prep.target(y_raw)
     if prep.task == "regression":
@@ -896,13 +897,19 @@ def prep_facts(prep: TablePrep) -> TableFacts:
 
 
 def loss_and_metrics(table: Table) -> tuple[Callable[[Any, Any], torch.Tensor], Callable[[], Any]]:
-    """Cross-entropy and accuracy for classes; MSE and rmse/mae (rmspe when every validation
-    target is positive) for regression."""
-    if table.task == "classification":
+    """The loss and metrics of the table's validation rows (`scoring`)."""
+    return scoring(table.task, table.log_y, table.y[table.is_valid])
+
+
+def scoring(
+    task: str, log_y: bool, y: np.ndarray
+) -> tuple[Callable[[Any, Any], torch.Tensor], Callable[[], Any]]:
+    """Cross-entropy and accuracy for classes; MSE and rmse/mae (rmspe when every target of `y`,
+    the rows to be scored as the model sees them, is positive) for regression."""
+    if task == "classification":
         return classification_loss, Accuracy
-    y_valid = table.y[table.is_valid]
-    percent = bool(((np.exp(y_valid) if table.log_y else y_valid) > 0).all())
-    return mse_loss, lambda: Metrics(table.log_y, percent)
+    percent = bool(((np.exp(y) if log_y else y) > 0).all())
+    return mse_loss, lambda: Metrics(log_y, percent)
 
 
 def build(cfg: Any, device: torch.device) -> Data:
