@@ -64,12 +64,7 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def _read(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DlrunError(f"cannot read {path}: not UTF-8 text ({e.reason}); convert it to UTF-8") from None
-    except OSError as e:
-        raise DlrunError(f"cannot read {path}: {e.strerror}") from None
+    text = read_text(path)
     if not text.strip():
         raise DlrunError(f"the corpus {path} is empty: point data.path at a text file with some text in it")
     return text
