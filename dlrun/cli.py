@@ -185,6 +185,12 @@ def run_hydra(command: str, args: list[str]) -> int:
         if not printing:
             output = claim_output(config_name, args)
             args = args + output.overrides
+            from dlrun import distributed
+
+            devices = distributed.devices_to_launch(output.config)
+            if devices:  # trainer.devices=N: N processes of this same command, one directory
+                return distributed.launch(devices, [command, *args])
+            args = args + distributed.hydra_overrides()
     sys.argv = ["dlrun"] + args
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(
         make_task(command, output.swept if output else None)
@@ -203,6 +209,9 @@ def run_hydra(command: str, args: list[str]) -> int:
         raise
     finally:
         output.release()
+        from dlrun import distributed
+
+        distributed.finish()
     return end_sweep(output, stopped=False) if output.sweep else 0
 
 
@@ -252,6 +261,11 @@ def claim_output(config_name: str, args: list[str]) -> Output:
             raise DlrunError(first_line(e)) from e
     sweep = bool(parsed_args.multirun) or cfg.hydra.mode == RunMode.MULTIRUN
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    from dlrun import distributed
+
+    # Under torchrun every rank runs this: the process group starts first, then rank 0 claims.
+    distributed.check_config(cfg, sweep, config_name.replace("_", "-"))
+    distributed.start(cfg)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the pattern
     path = Path(str(OmegaConf.select(cfg, key)))
     given = [o for o in overrides if o.key_or_group == key]
@@ -260,15 +274,28 @@ def claim_output(config_name: str, args: list[str]) -> Output:
             # As given; one with ${now:...} in it is resolved here, once, like the claimed one.
             path.mkdir(parents=True, exist_ok=True)
             return Output(path, sweep, False, cfg, swept, pin="${" in str(given[-1].value()))
-        path = rundir.claim(path)
     except OSError as e:
-        raise DlrunError(
-            f"cannot create the {'sweep' if sweep else 'run'} directory {path}: {e.strerror or e}: "
-            f"run dlrun from a folder you can write to, or choose one with {key}=DIR"
-        ) from e
+        raise cannot_create(path, sweep, key, e) from e
+
+    def claim() -> Path:
+        try:
+            return rundir.claim(path)
+        except OSError as e:
+            raise cannot_create(path, sweep, key, e) from e
+
+    path = distributed.agree(claim)  # one directory for all the ranks of a run
     with read_write(cfg.hydra):
         OmegaConf.update(cfg, key, str(path))
-    return Output(path, sweep, True, cfg, swept, pin=True)
+    # Only the process that claimed the directory removes it again when nothing was written.
+    return Output(path, sweep, distributed.world().main, cfg, swept, pin=True)
+
+
+def cannot_create(path: Path, sweep: bool, key: str, error: OSError) -> DlrunError:
+    """The user error for a run or sweep directory that cannot be made."""
+    return DlrunError(
+        f"cannot create the {'sweep' if sweep else 'run'} directory {path}: {error.strerror or error}: "
+        f"run dlrun from a folder you can write to, or choose one with {key}=DIR"
+    )
 
 
 def end_sweep(output: Output, stopped: bool, interrupted: bool = False) -> int:
@@ -315,9 +342,16 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
         with user_errors():
             try:
                 validate(cfg)
+                from dlrun.distributed import set_threads
+
+                set_threads(cfg)  # before any work: trainer.threads
                 module = importlib.import_module("dlrun.train" if command == "train" else "dlrun.lr_find")
                 return module.main(cfg, run_dir)
             except BaseException as e:
+                from dlrun.distributed import world
+
+                if not world().main:
+                    raise  # rank 0 records how the run ended
                 status = record_end(run_dir, started, e)
                 if not (in_sweep and isinstance(e, Exception)):
                     raise  # one run: a user error is one line, anything else a bug's traceback

@@ -52,6 +52,8 @@ RULES: dict[str, Rule] = {
     # trainer
     "trainer.epochs": Int(1),
     "trainer.device": Choice("auto", "cpu", "cuda", "mps"),
+    "trainer.devices": Int(1),
+    "trainer.threads": Int(1, words=("auto",)),
     "trainer.precision": Choice("auto", "32", "bf16", "16"),
     "trainer.compile": BOOL,
     "trainer.grad_clip": Float(0, lo_open=True, nullable=True),

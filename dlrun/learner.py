@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from dlrun import distributed
 from dlrun.errors import DlrunError
 from dlrun.family import Data, build_data, build_model
 from dlrun.losses import classification_loss
@@ -78,6 +79,8 @@ class Learner:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     forward: Callable[[Any], Any] | None = None  # the model's torch.compile'd version, else the model
+    # (wrapped in DistributedDataParallel when the run has several processes)
+    evaluate_forward: Callable[[Any], Any] | None = None  # validation's: without DDP (default: forward)
     precision: str = "32"
     autocast: Callable[[], Any] = contextlib.nullcontext
     scaler: Any = None  # GradScaler for fp16
@@ -89,6 +92,7 @@ class Learner:
 
     def __post_init__(self) -> None:
         self.forward = self.forward or self.model
+        self.evaluate_forward = self.evaluate_forward or self.forward
         self.loss = self.loss or self.data.loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -127,9 +131,10 @@ def start_from(model: torch.nn.Module, run_dir: str) -> None:
 def prepare(cfg: DictConfig) -> Learner:
     """Seed, pick the device and precision, build data, model and optimizer."""
     seed_everything(cfg.seed)
-    device = pick_device(cfg.trainer.device)
+    device = distributed.device(pick_device(cfg.trainer.device))
     precision, autocast, scaler = pick_precision(str(cfg.trainer.precision), device)
     data = build_data(cfg, device)
+    distributed.shard(data)
     model = build_model(cfg, data.facts)
     if cfg.model.get("init_from") and not cfg.get("resume"):
         start_from(model, cfg.model.init_from)
@@ -139,12 +144,14 @@ def prepare(cfg: DictConfig) -> Learner:
     optimizer, decay = build_optimizer(cfg, model, device)
     # .get: the run directories saved before these keys existed (dlrun eval) have neither.
     reg, name = cfg.regularization, cfg.data.name
+    forward = torch.compile(model) if cfg.trainer.compile else model
     return Learner(
         device=device,
         data=data,
         model=model,
         optimizer=optimizer,
-        forward=torch.compile(model) if cfg.trainer.compile else model,
+        forward=distributed.wrap(forward, device),
+        evaluate_forward=forward,
         precision=precision,
         autocast=autocast,
         scaler=scaler,
@@ -236,11 +243,12 @@ def evaluate(learner: Learner, limit: int | None = None) -> tuple[dict[str, floa
         if limit is not None and i >= limit:
             break
         with learner.autocast():
-            out = learner.forward(x)
+            out = learner.evaluate_forward(x)
             loss = data.loss(out, y)
         k = data.count(y)
         loss_sum += loss.float() * k
         n += k
         metrics.update(out, y)
+    loss_sum, n = distributed.reduce_metrics(metrics, loss_sum, n)  # over the ranks' shards
     valid_loss = (loss_sum / max(n, 1)).item()
     return {"valid_loss": valid_loss, **metrics.compute(valid_loss)}, metrics

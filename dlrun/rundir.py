@@ -131,8 +131,8 @@ class MetricsLog:
     """metrics.csv, one row per epoch, rewritten atomically as each epoch ends; a resumed run
     keeps the rows of the epochs its checkpoint holds."""
 
-    def __init__(self, path: Path, keep_epochs: int):
-        self.path = Path(path)
+    def __init__(self, path: Path, keep_epochs: int, write: bool = True):
+        self.path, self.write = Path(path), write  # write=False: rows kept, no file (ranks but 0)
         self.rows = [r for r in read_metrics(self.path.parent) if r["epoch"] <= keep_epochs]
         self._write_all()
 
@@ -141,6 +141,9 @@ class MetricsLog:
         self._write_all()
 
     def _write_all(self) -> None:
+        if not self.write:
+            return
+
         def write(f: Any) -> None:
             if self.rows:
                 w = csv.writer(f, lineterminator="\n")

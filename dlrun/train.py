@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 import dlrun
-from dlrun import finetune, report, rundir, saved
+from dlrun import distributed, finetune, report, rundir, saved
 from dlrun.checkpoint import RunState, load_checkpoint, save_best, save_checkpoint
 from dlrun.errors import DlrunError
 from dlrun.family import better, save_state
@@ -147,10 +147,13 @@ def fit(
         state = RunState(lr=lr)
     if learner.decay is not None:
         learner.decay.refresh()
-    for path in rundir.remove_partial_writes(run_dir):
-        log.info("removed %s, a partial write of a killed run", path.name)
-    save_state(data, run_dir)
-    saved.write(cfg, data, run_dir)
+    main = distributed.world().main  # with several processes, rank 0 alone writes the run directory
+    ranks = distributed.world().size  # items/s counts every rank's items
+    if main:
+        for path in rundir.remove_partial_writes(run_dir):
+            log.info("removed %s, a partial write of a killed run", path.name)
+        save_state(data, run_dir)
+        saved.write(cfg, data, run_dir)
 
     def make_schedule() -> Any:
         """The run's schedule of optimizer steps: one cycle, or with a frozen phase one per phase.
@@ -162,8 +165,8 @@ def fit(
         return finetune.phased(first, second, updates * frozen)
 
     schedule = make_schedule()
-    metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch)
-    summary = Summary(run_dir, learner, started, state)
+    metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch, write=main)
+    summary = Summary(run_dir, learner, started, state, write=main)
     if state.epoch == 0 and state.batch == 0:
         log.info("training on %s (%s) at lr %.3g", learner.device, learner.precision, state.lr)
         for split, facts in data.split.items():
@@ -179,7 +182,9 @@ def fit(
     def checkpoint() -> None:
         """checkpoint.pt, with the wall time so far: a resumed run's wall time continues from it."""
         state.wall_before = summary.wall()
-        save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
+        state.loss_sum = distributed.mean_sum(state.loss_sum)  # mid-epoch: it stands for every rank
+        if main:
+            save_checkpoint(run_dir / rundir.CHECKPOINT, learner, state)
 
     def unfreeze() -> None:
         """The frozen phase is over: every layer trains, at the rate the finder suggests for the
@@ -199,8 +204,11 @@ def fit(
         log.info(line)
         display.say(line)
 
-    display = report.EpochDisplay(tr.progress, epochs=epochs, log_seconds=tr.log_seconds, unit=data.unit)
+    display = report.EpochDisplay(
+        tr.progress and main, epochs=epochs, log_seconds=tr.log_seconds, unit=data.unit
+    )
     stopped = None
+    stopping = False  # several processes: every rank's stop request, as of the last loss read
     with StopRequest() as stop_request, display:
         for row in metrics_log.rows:
             display.row(row)
@@ -237,7 +245,7 @@ def fit(
                 state.items += k
                 state.step, state.batch, state.last_lr = state.step + update, i + 1, lr
                 if state.batch % tr.log_every == 0 or state.batch == steps:
-                    current = loss.item()
+                    current, stopping = distributed.mean(loss, stop_request.requested)
                     if not math.isfinite(current):
                         end(
                             "diverged",
@@ -247,8 +255,8 @@ def fit(
                             ),
                         )
                     seconds = state.epoch_seconds + time.perf_counter() - t0
-                    display.update(state.batch, current, state.items / max(seconds, 1e-9))
-                if update and stop_request.requested:
+                    display.update(state.batch, current, state.items * ranks / max(seconds, 1e-9))
+                if update and (stopping if distributed.world().distributed else stop_request.requested):
                     # Checked after an optimizer step and before the next batch is drawn: the
                     # saved RNG state has not yet been used for the next batch's augmentation.
                     state.count_time(time.perf_counter() - t0, state.items - items0)
@@ -256,7 +264,7 @@ def fit(
                         checkpoint()
                     end("interrupted", Interrupted())
             state.count_time(time.perf_counter() - t0, state.items - items0)
-            train_loss = (state.loss_sum / max(state.items, 1)).item()
+            train_loss = (distributed.mean_sum(state.loss_sum) / max(state.items, 1)).item()
 
             # --- validate, log ---
             valid, metrics = evaluate(learner, tr.limit_batches)
@@ -275,7 +283,7 @@ def fit(
             # --- best weights, checkpoint ---
             if better(metrics.mode, scores[metrics.monitor], state.best and state.best[metrics.monitor]):
                 state.best, state.best_epoch = scores, epoch + 1
-                if tr.checkpoint:
+                if tr.checkpoint and main:
                     save_best(run_dir / rundir.BEST, learner, epoch + 1, scores)
             if tr.checkpoint:
                 checkpoint()
@@ -295,8 +303,16 @@ def finished(run_dir: Path) -> bool:
 class Summary:
     """summary.json: status, best and final metrics, timing, device and versions."""
 
-    def __init__(self, run_dir: Path, learner: Learner | None, started: float, state: RunState | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        learner: Learner | None,
+        started: float,
+        state: RunState | None,
+        write: bool = True,
+    ):
         self.run_dir, self.learner, self.started, self.state = run_dir, learner, started, state
+        self.write_files = write  # False in ranks other than 0: the summary is rank 0's to write
         self.wall_before = state.wall_before if state else 0.0  # earlier sessions of a resumed run
 
     def wall(self) -> float:
@@ -327,7 +343,11 @@ class Summary:
             "lr": state.lr,
             "lr_unfrozen": state.lr_unfrozen or None,  # finetune: the unfrozen phase's peak rate
             "wall_s": round(wall, 3),
-            "items_per_s": state.train_items / state.train_seconds if state.train_seconds else None,
+            "items_per_s": (
+                state.train_items * distributed.world().size / state.train_seconds
+                if state.train_seconds
+                else None
+            ),
             "split": self.learner.data.split if self.learner else {},
             "device": str(self.learner.device) if self.learner else None,
             "precision": self.learner.precision if self.learner else None,
@@ -337,9 +357,10 @@ class Summary:
                 "python": platform.python_version(),
             },
         }
-        rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
-        if rows:
-            report.plot_losses(rows, self.run_dir / rundir.LOSS_PLOT)
+        if self.write_files:
+            rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
+            if rows:
+                report.plot_losses(rows, self.run_dir / rundir.LOSS_PLOT)
         return summary
 
 
@@ -383,15 +404,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise
     except DlrunError as e:
         if not (run_dir / rundir.SUMMARY).is_file():  # never overwrite an earlier run's summary
-            Summary(run_dir, None, started, None).write("failed", rundir.read_metrics(run_dir), str(e))
+            summary = Summary(run_dir, None, started, None, write=distributed.world().main)
+            summary.write("failed", rundir.read_metrics(run_dir), str(e))
         raise
 
 
-def resume_command(run_dir: Path) -> str:
-    """The command that continues an interrupted run, quoted for the shell (spaces, accents...)."""
+def resume_command(run_dir: Path, torchrun: int = 0) -> str:
+    """The command that continues an interrupted run, quoted for the shell (spaces, accents...);
+    `torchrun`: the processes per machine of a run started with torchrun."""
     import shlex
 
-    return "dlrun train " + shlex.quote(f"resume={run_dir}")
+    start = f"torchrun --nproc_per_node={torchrun} -m dlrun train " if torchrun else "dlrun train "
+    return start + shlex.quote(f"resume={run_dir}")
+
+
+def torchrun_processes(cfg: DictConfig) -> int:
+    """The processes per machine torchrun started for this run (0: not started by torchrun, but
+    as one process or by `trainer.devices`, which `resume=` replays by itself)."""
+    w = distributed.world()
+    return w.local_size if w.distributed and int(cfg.trainer.get("devices", 1)) == 1 else 0
 
 
 def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -403,8 +434,9 @@ def main(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return rundir.read_json(run_dir / rundir.SUMMARY)
     except Interrupted:
         # The command is shell text: a path with [brackets] in it is not rich markup.
+        command = resume_command(run_dir, torchrun_processes(cfg))
         report.err_console.print(
-            f"interrupted; checkpoint saved. Resume with:\n  {resume_command(run_dir)}",
+            f"interrupted; checkpoint saved. Resume with:\n  {command}",
             style="yellow",
             markup=False,
             soft_wrap=True,  # one line however long the path: it is pasted into a shell

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from dlrun.distributed import share
 from dlrun.errors import DlrunError
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class TensorBatches:
         self.x, self.y, self.bs = x, y, bs
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.n = len(y)
+        self.rank, self.world = 0, 1  # `shard`: this process's part of every batch
         if self.n == 0:
             raise DlrunError(f"the {split} split is empty: use more data or a different split")
         if drop_last and bs > self.n:
@@ -62,6 +64,11 @@ class TensorBatches:
     def __len__(self) -> int:
         return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
 
+    def shard(self, rank: int, world: int) -> None:
+        """From now on yield rank `rank`'s part of each batch (of `world` equal parts; a last,
+        smaller batch is split as evenly as it goes and an empty part is skipped)."""
+        self.rank, self.world = rank, world
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         import torch
 
@@ -72,4 +79,9 @@ class TensorBatches:
             x, y = take(x, perm), y[perm]
         for i in range(start, len(self)):
             sl = slice(i * self.bs, (i + 1) * self.bs)
+            if self.world > 1:
+                part = share(min(self.bs, self.n - sl.start), self.rank, self.world)
+                if part.start == part.stop:
+                    continue
+                sl = slice(sl.start + part.start, sl.start + part.stop)
             yield take(x, sl), y[sl]

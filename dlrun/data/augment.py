@@ -40,6 +40,10 @@ class Augmented:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def shard(self, rank: int, world: int) -> None:
+        """Augment only this rank's part of each batch."""
+        self.batches.shard(rank, world)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         for x, y in self.batches.epoch(epoch, start):
             yield random_crop_flip(x, self.pad, self.flip, self.fill), y

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.functional import pil_to_tensor
 
 from dlrun.data import images
+from dlrun.distributed import share
 from dlrun.errors import DlrunError
 from dlrun.family import Data
 from dlrun.losses import classification_loss
@@ -271,9 +272,21 @@ class EpochOrder(Sampler):
     def __init__(self, n: int, shuffle: bool, seed: int):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.epoch = self.start = 0
+        # `LoaderBatches.shard`: only rank `rank`'s part of each batch of `bs` positions (of the
+        # first `end` positions: the whole batches, when an incomplete last one is dropped).
+        self.bs, self.end, self.rank, self.world = n, n, 0, 1
+
+    def positions(self) -> Iterator[int]:
+        """This rank's positions in the epoch's order, from `start` on."""
+        if self.world == 1:
+            yield from range(self.start, self.n)
+            return
+        for first in range(self.start - self.start % self.bs, self.end, self.bs):
+            part = share(min(self.bs, self.end - first), self.rank, self.world)
+            yield from range(max(first + part.start, self.start), first + part.stop)
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return self.n - self.start if self.world == 1 else sum(1 for _ in self.positions())
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         key = self.seed * 1_000_003 + self.epoch
@@ -282,7 +295,7 @@ class EpochOrder(Sampler):
             if self.shuffle
             else range(self.n)
         )
-        for pos in range(self.start, self.n):
+        for pos in self.positions():
             yield order[pos], key * 1_000_003 + pos
 
 
@@ -309,24 +322,36 @@ class LoaderBatches:
                 f"data.bs={bs} is larger than the {split} split ({n} images): set data.bs to at most {n}"
             )
         self.n, self.bs, self.drop_last, self.device = n, bs, drop_last, device
+        self.dataset, self.num_workers = dataset, num_workers
         self.order = EpochOrder(n, shuffle, seed)
         cuda = device.type == "cuda"
-        self.loader = DataLoader(
-            dataset,
-            batch_size=bs,
-            sampler=self.order,
-            drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=cuda,
-            persistent_workers=num_workers > 0,
-            generator=torch.Generator(),  # workers' seeds come from here, not from the global RNG
-        )
+        self.loader = self.make_loader(bs)
         self.mean = torch.tensor(mean, device=device).reshape(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).reshape(1, 3, 1, 1) * 255
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
 
+    def make_loader(self, bs: int) -> DataLoader:
+        """The DataLoader of `bs` images a batch, in the order `self.order` yields."""
+        return DataLoader(
+            self.dataset,
+            batch_size=bs,
+            sampler=self.order,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator(),  # workers' seeds come from here, not from the global RNG
+        )
+
     def __len__(self) -> int:
         return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Load, decode and yield only rank `rank`'s part of each batch (bs / world images)."""
+        o = self.order
+        o.bs, o.rank, o.world = self.bs, rank, world
+        o.end = self.n // self.bs * self.bs if self.drop_last else self.n
+        self.loader = self.make_loader(share(self.bs, 0, world).stop)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.order.epoch, self.order.start = epoch, min(start * self.bs, self.n)

@@ -264,6 +264,14 @@ class StreamBatches:
     def __len__(self) -> int:
         return math.ceil(self.row_len / self.bptt)
 
+    def shard(self, rank: int, world: int) -> None:
+        """Keep rank `rank`'s rows of the bs streams (bs / world of them): each rank carries the
+        hidden state of its own rows from window to window."""
+        from dlrun.distributed import share
+
+        rows = share(self.bs, rank, world)
+        self.x, self.y, self.bs = self.x[rows], self.y[rows], rows.stop - rows.start
+
     def windows(self, epoch: int) -> list[int]:
         """The window lengths of `epoch` (variable ones replay exactly for the same seed and epoch)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch) if self.variable else None
