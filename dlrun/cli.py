@@ -189,7 +189,10 @@ def run_hydra(command: str, args: list[str]) -> int:
 
             devices = distributed.devices_to_launch(output.config)
             if devices:  # trainer.devices=N: N processes of this same command, one directory
-                return distributed.launch(devices, [command, *args])
+                try:
+                    return distributed.launch(devices, [command, *args])
+                finally:
+                    output.release()
             args = args + distributed.hydra_overrides()
     sys.argv = ["dlrun"] + args
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(

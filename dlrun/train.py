@@ -351,6 +351,8 @@ class Summary:
             "split": self.learner.data.split if self.learner else {},
             "device": str(self.learner.device) if self.learner else None,
             "precision": self.learner.precision if self.learner else None,
+            "threads": torch.get_num_threads(),  # trainer.threads as resolved (per process)
+            "processes": distributed.world().size,  # ranks of a DDP run (1: one process)
             "versions": {
                 "dlrun": dlrun.__version__,
                 "torch": torch.__version__,
