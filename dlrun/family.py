@@ -54,9 +54,16 @@ class Batches(Protocol):
         gives the same batches, so a resumed run sees what an uninterrupted one would have."""
         ...
 
+    def shard(self, rank: int, world: int) -> None:
+        """From now on yield only rank `rank`'s part of each batch, of `world` parts (DDP:
+        `dlrun.distributed`); equal parts of every training batch, so ranks step together."""
+        ...
+
 
 class Metrics(Protocol):
-    """A validation pass's metrics: `update` per batch (no host sync), `compute` once."""
+    """A validation pass's metrics: `update` per batch (no host sync), `compute` once. Its
+    numeric attributes are sums over the batches seen (numbers or one-element tensors; flags
+    are bools): with several processes they are added up across ranks before `compute`."""
 
     monitor: str  # the metric that picks the best epoch and ranks runs
     mode: str  # "min" or "max": which way the monitored metric is better
