@@ -208,7 +208,8 @@ def fit(
         tr.progress and main, epochs=epochs, log_seconds=tr.log_seconds, unit=data.unit
     )
     stopped = None
-    stopping = False  # several processes: every rank's stop request, as of the last loss read
+    # Several processes stop together: at the step after a loss read that carried a request.
+    stopping = False
     with StopRequest() as stop_request, display:
         for row in metrics_log.rows:
             display.row(row)
@@ -256,7 +257,7 @@ def fit(
                         )
                     seconds = state.epoch_seconds + time.perf_counter() - t0
                     display.update(state.batch, current, state.items * ranks / max(seconds, 1e-9))
-                if update and (stopping if distributed.world().distributed else stop_request.requested):
+                if update and (stopping if ranks > 1 else stop_request.requested):
                     # Checked after an optimizer step and before the next batch is drawn: the
                     # saved RNG state has not yet been used for the next batch's augmentation.
                     state.count_time(time.perf_counter() - t0, state.items - items0)
