@@ -246,7 +246,10 @@ def fit(
                 state.items += k
                 state.step, state.batch, state.last_lr = state.step + update, i + 1, lr
                 if state.batch % tr.log_every == 0 or state.batch == steps:
-                    current, stopping = distributed.mean(loss, stop_request.requested)
+                    if ranks > 1:  # the ranks' mean loss, and whether any rank was asked to stop
+                        current, stopping = distributed.mean(loss, stop_request.requested)
+                    else:
+                        current = loss.item()
                     if not math.isfinite(current):
                         end(
                             "diverged",
