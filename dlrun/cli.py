@@ -187,12 +187,15 @@ def run_hydra(command: str, args: list[str]) -> int:
             args = args + output.overrides
             from dlrun import distributed
 
-            devices = distributed.devices_to_launch(output.config)
-            if devices:  # trainer.devices=N: N processes of this same command, one directory
-                try:
+            ends_here = True  # trainer.devices launched the ranks, or is a user error
+            try:
+                devices = distributed.devices_to_launch(output.config, output.sweep)
+                if devices:  # trainer.devices=N: N processes of this same command, one directory
                     return distributed.launch(devices, [command, *args])
-                finally:
-                    output.release()
+                ends_here = False
+            finally:
+                if ends_here:
+                    output.release()  # the directory is removed again if nothing was written into it
             args = args + distributed.hydra_overrides()
     sys.argv = ["dlrun"] + args
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(

@@ -154,12 +154,17 @@ def start(cfg: Any) -> None:
         report.console.quiet = report.err_console.quiet = True
 
 
-def devices_to_launch(cfg: Any) -> int:
+def devices_to_launch(cfg: Any, sweep: bool) -> int:
     """How many processes `trainer.devices` asks this command to start (0: none, train here).
-    Checked before any starts: enough GPUs for a run on CUDA."""
+    Checked before any starts: one run, not a sweep; enough GPUs for a run on CUDA."""
     devices = int(cfg.trainer.get("devices", 1))
     if devices == 1 or world().distributed:
         return 0
+    if sweep:
+        raise DlrunError(
+            f"trainer.devices={devices} trains one run in several processes and cannot run a sweep: "
+            "drop -m, or sweep with one process per job (hydra/launcher=joblib)"
+        )
     import torch
 
     device = str(cfg.trainer.device)

@@ -228,6 +228,11 @@ def test_a_sweep_or_lr_find_runs_in_one_process(rank0):
         distributed.check_config(compose(config_name="lr_find"), sweep=False, command="lr-find")
 
 
+def test_trainer_devices_trains_one_run_not_a_sweep():
+    with pytest.raises(DlrunError, match="trainer.devices=2 trains one run .* cannot run a sweep"):
+        distributed.devices_to_launch(compose("trainer.devices=2", "trainer.device=cpu"), sweep=True)
+
+
 def test_an_incomplete_torchrun_environment_is_a_user_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
@@ -246,7 +251,7 @@ def test_every_rank_stops_before_waiting_for_the_others(tmp_path):
 def test_more_devices_than_gpus_is_a_user_error(tmp_path):
     proc = dlrun("train", "trainer.devices=2", "trainer.device=cuda", cwd=tmp_path)
     assert_user_error(proc, "trainer.devices=2", "GPUs", f"{torch.cuda.device_count()}")
-    assert not any((tmp_path / "outputs").rglob("*.*"))  # the claimed directory is removed again
+    assert not list((tmp_path / "outputs" / "train").iterdir())  # the claimed directory is removed again
 
 
 # --- real processes (slow) ------------------------------------------------------------
