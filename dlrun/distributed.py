@@ -284,6 +284,17 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def same_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank, before validation: each
+    rank updated its own in the last step, and the checkpoint holds rank 0's."""
+    if not world().distributed:
+        return
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def shard(data: Any) -> None:
     """Give this rank its share of every batch of both splits (each source's `shard`)."""
     w = world()

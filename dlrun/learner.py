@@ -236,6 +236,7 @@ def evaluate(learner: Learner, limit: int | None = None) -> tuple[dict[str, floa
     data = learner.data
     learner.model.eval()
     learner.reset_state()
+    distributed.same_buffers(learner.model)
     metrics = data.metrics()
     loss_sum = torch.zeros((), device=learner.device)
     n = 0

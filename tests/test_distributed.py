@@ -286,6 +286,10 @@ def test_two_gloo_processes_train_one_run_as_well_as_one_and_resume(tmp_path):
     assert s2["status"] == "completed"
     # The global batch is data.bs in both: the same steps, the same accuracy band.
     assert s1["best"]["accuracy"] > 0.9 and abs(s2["best"]["accuracy"] - s1["best"]["accuracy"]) < 0.03
+    # Validation added up over the ranks, with rank 0's BatchNorm statistics, is what one
+    # process finds from the checkpoint.
+    proc = dlrun("eval", str(ddp), "--weights", "last")
+    assert proc.returncode == 0 and f"{s2['final']['valid_loss']:.4f}" in proc.stdout, proc.stdout
     # Resume with more epochs: the run continues in the same directory.
     torchrun(f"resume={ddp}", "trainer.epochs=6", cwd=tmp_path)
     rows = metrics_rows(ddp)
