@@ -178,12 +178,18 @@ def run_hydra(command: str, args: list[str]) -> int:
     if command == "train":
         args = expand_resume(args)
     output = None
+    check_extras(args)
     if not any(a.split("=")[0] in NO_PREFLIGHT for a in args):
         # Printing the config (--cfg job) must not import torch, which the family checks do.
         printing = any(a.split("=")[0] in ("--cfg", "-c") for a in args)
         preflight(config_name, args, deep=not printing)
         if not printing:
             output = claim_output(config_name, args)
+            try:
+                check_sweeper(config_name, args, output)
+            except BaseException:
+                output.release()
+                raise
             args = args + output.overrides
     sys.argv = ["dlrun"] + args
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(
@@ -269,6 +275,51 @@ def claim_output(config_name: str, args: list[str]) -> Output:
     with read_write(cfg.hydra):
         OmegaConf.update(cfg, key, str(path))
     return Output(path, sweep, True, cfg, swept, pin=True)
+
+
+# Hydra plugins that come with one of dlrun's extras: the option -> (modules it needs, extra).
+PLUGIN_EXTRAS = {
+    "hydra/sweeper=optuna": (("optuna",), "optuna"),
+    "hydra/launcher=submitit_slurm": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+    "hydra/launcher=submitit_local": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+}
+
+
+def check_extras(args: list[str]) -> None:
+    """A sweeper or launcher from an extra that is not installed is a user error naming the
+    pip command (Hydra would only say that it has no such config)."""
+    for arg in args:
+        modules, extra = PLUGIN_EXTRAS.get(arg.lstrip("+").replace(" ", ""), ((), ""))
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise DlrunError(
+                    f"{arg} needs the {extra} extra ({first_line(e)}): pip install 'dlrun[{extra}]'"
+                ) from None
+
+
+def check_sweeper(config_name: str, args: list[str], output: Output) -> None:
+    """What the sweeper will vary besides the command line: `hydra.sweeper.params` (a named
+    space, +sweep=NAME) and an Optuna search's settings, checked like the command line's
+    overrides before any job runs. Their keys are the sweep's swept keys too."""
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    if not output.sweep:
+        return
+    sweeper = OmegaConf.select(output.config, "hydra.sweeper")
+    params = sweeper.get("params") or {}
+    output.swept += [override_key(k) for k in params if override_key(k) not in output.swept]
+    if str(sweeper.get("_target_", "")).endswith(".OptunaSweeper"):
+        from dlrun import search
+
+        overrides = get_args_parser().parse_known_args(args)[0].overrides
+        overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
+        for message in check_job(config_name, search.check(sweeper, overrides)):
+            warn(message)
+    elif params:
+        preflight(config_name, args + [f"{k}={v}" for k, v in params.items()])
 
 
 def end_sweep(output: Output, stopped: bool, interrupted: bool = False) -> int:
