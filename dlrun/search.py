@@ -75,9 +75,13 @@ def parse_space(params: Mapping[str, Any] | None, arguments: list[str] = ()) -> 
 
 def distribution(optuna: Any, key: str, override: Any) -> Any:
     """One swept override as an Optuna distribution."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
     d = optuna.distributions
     sweep = override.value()
     text = override.input_line
+    if not isinstance(sweep, (ChoiceSweep, IntervalSweep, RangeSweep)):  # glob(...)
+        raise DlrunError(f"cannot search {text}: a search takes interval(...), range(...) or choice(...)")
     unknown = sorted(set(sweep.tags) - set(TAGS))
     if unknown:
         raise DlrunError(
@@ -86,11 +90,11 @@ def distribution(optuna: Any, key: str, override: Any) -> Any:
         )
     log = "log" in sweep.tags
     try:
-        if override.is_interval_sweep():
+        if isinstance(sweep, IntervalSweep):
             if "int" in sweep.tags:
                 return d.IntDistribution(math.ceil(sweep.start), math.floor(sweep.end), log=log)
             return d.FloatDistribution(sweep.start, sweep.end, log=log)
-        if override.is_range_sweep():
+        if isinstance(sweep, RangeSweep):
             values = list(sweep.range())
             if not values:
                 raise ValueError("the range is empty")
@@ -98,16 +102,14 @@ def distribution(optuna: Any, key: str, override: Any) -> Any:
             if all(isinstance(v, int) for v in values):
                 return d.IntDistribution(low, high, step=step, log=log)
             return d.FloatDistribution(low, high, step=None if log else step, log=log)
-        if override.is_choice_sweep():
-            if log or "int" in sweep.tags:
-                raise ValueError("tag(log, ...) and tag(int, ...) apply to interval(...) and range(...)")
-            bad = [c for c in sweep.list if not (c is None or isinstance(c, (bool, int, float, str)))]
-            if bad:
-                raise ValueError(f"{bad[0]!r} is not a single value")
-            return d.CategoricalDistribution(sweep.list)
+        if log or "int" in sweep.tags:
+            raise ValueError("tag(log, ...) and tag(int, ...) apply to interval(...) and range(...)")
+        bad = [c for c in sweep.list if not (c is None or isinstance(c, (bool, int, float, str)))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a single value")
+        return d.CategoricalDistribution(sweep.list)
     except ValueError as e:
         raise DlrunError(f"cannot search {text}: {first_line(e)}") from None
-    raise DlrunError(f"cannot search {text}: an Optuna search takes interval(...), range(...) or choice(...)")
 
 
 def overrides_of(params: Mapping[str, Any]) -> list[str]:
