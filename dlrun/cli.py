@@ -314,6 +314,12 @@ def check_sweeper(config_name: str, args: list[str], output: Output) -> None:
     if str(sweeper.get("_target_", "")).endswith(".OptunaSweeper"):
         from dlrun import search
 
+        if config_name != "train":
+            raise DlrunError(
+                "hydra/sweeper=optuna searches training runs (their summary.json holds the value): "
+                "use it with dlrun train"
+            )
+
         overrides = get_args_parser().parse_known_args(args)[0].overrides
         overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
         for message in check_job(config_name, search.check(sweeper, overrides)):
@@ -359,6 +365,7 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
 
         from dlrun.config import validate
 
+        join_submitit_ranks()
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         in_sweep = hc.mode == RunMode.MULTIRUN
@@ -379,6 +386,20 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
         return None
 
     return task
+
+
+def join_submitit_ranks() -> None:
+    """A submitit job of several tasks (hydra.launcher.tasks_per_node, nodes) is one
+    DistributedDataParallel run, each task one rank: submitit knows the ranks (from SLURM, or
+    its local executor) and exports them the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT). Each task keeps every GPU in view and takes its LOCAL_RANK one."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def record_end(run_dir: Path, started: float, error: BaseException) -> str:

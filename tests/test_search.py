@@ -258,6 +258,31 @@ def test_the_slurm_launchers_settings_compose():
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
 
 
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_submitit_job_of_several_tasks_is_one_ddp_run_with_a_rank_per_task(tasks, monkeypatch):
+    from dlrun.cli import join_submitit_ranks
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    # What submitit's local executor sets in the second task of a job (SLURM's job is alike).
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for key, value in {"JOB_ID": "4242", "NTASKS": tasks, "JOB_NUM_NODES": 1, "NODEID": 0}.items():
+        monkeypatch.setenv(f"SUBMITIT_LOCAL_{key}", str(value))
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", str(tasks - 1))
+    monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", str(tasks - 1))
+    join_submitit_ranks()
+    if tasks == 1:
+        assert "RANK" not in os.environ  # one task: a run of one process, as before
+    else:
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+        assert os.environ["MASTER_ADDR"] and int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_the_optuna_sweeper_is_for_training_runs(tmp_path):
+    proc = dlrun("lr-find", "-m", f"hydra.sweep.dir={tmp_path}", "hydra/sweeper=optuna", "+sweep=dropout_wd")
+    assert_user_error(proc, "use it with dlrun train")
+
+
 # --- a search that runs -----------------------------------------------------------------
 
 
@@ -319,6 +344,7 @@ def test_an_optuna_search_killed_after_3_trials_resumes_to_6(tmp_path):
     first.wait()
     done = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/summary.json")}
     assert 3 <= len(done) < 6, done
+    cut = [j.name for j in sweep.iterdir() if j.name.isdigit() and j.name not in done]
 
     proc = dlrun(*args)
     out = proc.stdout + proc.stderr
@@ -332,6 +358,13 @@ def test_an_optuna_search_killed_after_3_trials_resumes_to_6(tmp_path):
     assert study.direction.name == "MAXIMIZE"  # digits monitors accuracy
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 6 and not [t for t in study.trials if t.state.name == "RUNNING"]
+    killed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert all("status" not in t.user_attrs for t in killed)  # cut short: not counted, tried again
+    if cut:  # the job that was running when the search was killed ran again, in its directory
+        assert "cut-short trial(s) again" in out and killed, out
+        assert {str(t.user_attrs["job"]) for t in killed} >= set(cut)
+        again_params = {str(t.user_attrs["job"]): t.params for t in complete}
+        assert all(again_params[str(t.user_attrs["job"])] == t.params for t in killed)
     assert sorted(t.user_attrs["job"] for t in complete) == list(range(6))
     with open(sweep / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
