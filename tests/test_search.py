@@ -366,6 +366,8 @@ def test_an_optuna_search_killed_after_3_trials_resumes_to_6(tmp_path):
         again_params = {str(t.user_attrs["job"]): t.params for t in complete}
         assert all(again_params[str(t.user_attrs["job"])] == t.params for t in killed)
     assert sorted(t.user_attrs["job"] for t in complete) == list(range(6))
+    # A seeded sampler that continues a study does not ask for the first trials' values again.
+    assert len({tuple(t.params.values()) for t in complete}) == 6
     with open(sweep / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["status"] for r in rows} == {"completed"}

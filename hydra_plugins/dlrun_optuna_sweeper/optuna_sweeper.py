@@ -62,8 +62,13 @@ class OptunaSweeper(Sweeper):
         root.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, root / "multirun.yaml")
         storage = search.storage_url(s, root)
-        sampler = search.sampler(s.sampler, s.seed)
-        study = self.existing_study(optuna, storage, sampler)
+        study = self.existing_study(optuna, storage)
+        # One sampler for the whole run. A seeded one that continues a study starts from a seed
+        # moved on by the trials so far, or it would ask for the first trials' values again.
+        seed = None if s.seed is None else s.seed + (len(study.trials) if study else 0)
+        sampler = search.sampler(s.sampler, seed)
+        if study:
+            study.sampler = sampler
         retry = self.settle(study, root) if study else []
         if study:
             report.console.print(
@@ -91,7 +96,7 @@ class OptunaSweeper(Sweeper):
             # A new study's direction comes from the metric its jobs monitor, known once the
             # first batch has run: that batch is asked from a study in memory (TPE samples its
             # first trials at random either way) and copied into the stored study after.
-            asking = study or optuna.create_study(sampler=search.sampler(s.sampler, s.seed))
+            asking = study or optuna.create_study(sampler=sampler)
             trials = []
             for job, params in batch:
                 if params is not None:
@@ -117,13 +122,13 @@ class OptunaSweeper(Sweeper):
             search.write_plots(study, root)
         return returns
 
-    def existing_study(self, optuna: Any, storage: str, sampler: Any) -> Any:
+    def existing_study(self, optuna: Any, storage: str) -> Any:
         """The study to continue, or None when this is its first run."""
         s = self.settings
         names = [x.study_name for x in optuna.study.get_all_study_summaries(storage=storage)]
         if s.study_name not in names:
             return None
-        study = optuna.load_study(study_name=s.study_name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
         wanted = s.direction or study.direction.name.lower()
         if study.direction.name.lower() != wanted:
             from dlrun.errors import DlrunError
