@@ -337,14 +337,22 @@ def test_an_optuna_search_killed_after_3_trials_resumes_to_6(tmp_path):
         [DLRUN, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
+
+    def running() -> bool:
+        """3 trials have ended and the next one's job has started (its config is written)."""
+        started = {p.parent.parent.name for p in sweep.glob("*/.hydra/config.yaml")}
+        ended = {p.parent.name for p in sweep.glob("*/summary.json")}
+        return len(ended) >= 3 and bool(started - ended)
+
     deadline = time.time() + 300
-    while len(list(sweep.glob("*/summary.json"))) < 3 and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    while not running() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/summary.json")}
     assert 3 <= len(done) < 6, done
     cut = [j.name for j in sweep.iterdir() if j.name.isdigit() and j.name not in done]
+    assert cut, "the search was killed between two trials"
 
     proc = dlrun(*args)
     out = proc.stdout + proc.stderr
@@ -360,11 +368,11 @@ def test_an_optuna_search_killed_after_3_trials_resumes_to_6(tmp_path):
     assert len(complete) == 6 and not [t for t in study.trials if t.state.name == "RUNNING"]
     killed = [t for t in study.trials if t.state.name == "FAIL"]
     assert all("status" not in t.user_attrs for t in killed)  # cut short: not counted, tried again
-    if cut:  # the job that was running when the search was killed ran again, in its directory
-        assert "cut-short trial(s) again" in out and killed, out
-        assert {str(t.user_attrs["job"]) for t in killed} >= set(cut)
-        again_params = {str(t.user_attrs["job"]): t.params for t in complete}
-        assert all(again_params[str(t.user_attrs["job"])] == t.params for t in killed)
+    # The job that was running when the search was killed ran again, in its directory.
+    assert "cut-short trial(s) again" in out and killed, out
+    assert {str(t.user_attrs["job"]) for t in killed} >= set(cut)
+    again_params = {str(t.user_attrs["job"]): t.params for t in complete}
+    assert all(again_params[str(t.user_attrs["job"])] == t.params for t in killed)
     assert sorted(t.user_attrs["job"] for t in complete) == list(range(6))
     # A seeded sampler that continues a study does not ask for the first trials' values again.
     assert len({tuple(t.params.values()) for t in complete}) == 6
