@@ -121,6 +121,10 @@ def overrides_of(params: Mapping[str, Any]) -> list[str]:
             return "null"
         if isinstance(v, bool):
             return str(v).lower()
+        if isinstance(v, float):
+            # Six significant digits: the job's overrides, the sweep table and the tests read
+            # alike, at a relative difference (< 1e-6) no search can tell apart.
+            return f"{v:.6g}"
         return hydra_quote(v) if isinstance(v, str) else repr(v)
 
     return [f"{k}={value(v)}" for k, v in params.items()]
@@ -259,12 +263,14 @@ def write_plots(study: Any, root: Path) -> None:
     wanted = [("optuna_history.png", plots.plot_optimization_history)]
     if len(done) >= 2:
         wanted.append(("optuna_importance.png", plots.plot_param_importances))
+    target = study.user_attrs.get("monitor", "value")
     for name, plot in wanted:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the matplotlib plots are "experimental"
-                ax = plot(study)
+                ax = plot(study, target_name=target)
             ax = ax.flat[0] if hasattr(ax, "flat") else ax
+            ax.legend(loc="best")  # Optuna puts it outside the axes, where the file cuts it off
             report.save_figure(ax.figure, root / name)
         except Exception as e:  # noqa: BLE001 - a plot must never cost the sweep its summary
             report.err_console.print(f"warning: no {name} ({first_line(e)})", markup=False)

@@ -63,12 +63,8 @@ class OptunaSweeper(Sweeper):
         OmegaConf.save(self.config, root / "multirun.yaml")
         storage = search.storage_url(s, root)
         study = self.existing_study(optuna, storage)
-        # One sampler for the whole run. A seeded one that continues a study starts from a seed
-        # moved on by the trials so far, or it would ask for the first trials' values again.
-        seed = None if s.seed is None else s.seed + (len(study.trials) if study else 0)
-        sampler = search.sampler(s.sampler, seed)
         if study:
-            study.sampler = sampler
+            study.sampler = self.sampler(len(study.trials))
         retry = self.settle(study, root) if study else []
         if study:
             report.console.print(
@@ -96,7 +92,7 @@ class OptunaSweeper(Sweeper):
             # A new study's direction comes from the metric its jobs monitor, known once the
             # first batch has run: that batch is asked from a study in memory (TPE samples its
             # first trials at random either way) and copied into the stored study after.
-            asking = study or optuna.create_study(sampler=sampler)
+            asking = study or optuna.create_study(sampler=self.sampler(0))
             trials = []
             for job, params in batch:
                 if params is not None:
@@ -111,7 +107,7 @@ class OptunaSweeper(Sweeper):
             returns.append(results)
             ends = [search.job_end(self.job_dir(root, r, job)) for r, (job, _) in zip(results, batch)]
             if study is None:
-                study = self.new_study(optuna, storage, sampler, ends)
+                study = self.new_study(optuna, storage, self.sampler(len(batch)), ends)
                 for trial, end in zip(trials, ends):
                     search.add(study, trial, end)
             else:
@@ -121,6 +117,15 @@ class OptunaSweeper(Sweeper):
             self.report(study, storage)
             search.write_plots(study, root)
         return returns
+
+    def sampler(self, trials_so_far: int) -> Any:
+        """A sampler for one study object (TPE's cannot serve two). A seeded one that continues a
+        study starts from a seed moved on by the trials so far, or it would ask for the first
+        trials' values again."""
+        from dlrun import search
+
+        s = self.settings
+        return search.sampler(s.sampler, None if s.seed is None else s.seed + trials_so_far)
 
     def existing_study(self, optuna: Any, storage: str) -> Any:
         """The study to continue, or None when this is its first run."""
@@ -145,15 +150,17 @@ class OptunaSweeper(Sweeper):
         from dlrun import search
 
         s = self.settings
-        modes = [e.mode for e in ends if e.status == "completed"]
-        direction = s.direction or search.direction_of(modes[0] if modes else "min")
-        return optuna.create_study(
+        completed = [e for e in ends if e.status == "completed"]
+        direction = s.direction or search.direction_of(completed[0].mode if completed else "min")
+        study = optuna.create_study(
             study_name=s.study_name,
             storage=storage,
             sampler=sampler,
             direction=direction,
             load_if_exists=True,
         )
+        study.set_user_attr("monitor", completed[0].monitor if completed else "valid_loss")  # plots' label
+        return study
 
     def settle(self, study: Any, root: Path) -> list[tuple[int, dict[str, Any]]]:
         """Trials of this sweep directory that a killed process left running: those whose job
