@@ -130,7 +130,7 @@ class OptunaSweeper(Sweeper):
     def existing_study(self, optuna: Any, storage: str) -> Any:
         """The study to continue, or None when this is its first run."""
         s = self.settings
-        names = [x.study_name for x in optuna.study.get_all_study_summaries(storage=storage)]
+        names = optuna.get_all_study_names(storage=storage)
         if s.study_name not in names:
             return None
         study = optuna.load_study(study_name=s.study_name, storage=storage)
