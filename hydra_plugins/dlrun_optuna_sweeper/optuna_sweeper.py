@@ -89,9 +89,12 @@ class OptunaSweeper(Sweeper):
                 size = min(s.n_jobs, s.n_trials - done)
                 batch = [(next_job + i, None) for i in range(size)]
                 first, next_job = next_job, next_job + size
-            # A new study's direction comes from the metric its jobs monitor, known once the
-            # first batch has run: that batch is asked from a study in memory (TPE samples its
-            # first trials at random either way) and copied into the stored study after.
+            # A new study's direction comes from hydra.sweeper.direction or else from the metric
+            # its jobs monitor, known once the first batch has run: that batch is then asked from
+            # a study in memory (TPE samples its first trials at random either way) and copied
+            # into the stored study after.
+            if study is None and s.direction:
+                study = self.new_study(optuna, storage, self.sampler(0), s.direction)
             asking = study or optuna.create_study(sampler=self.sampler(0))
             trials = []
             for job, params in batch:
@@ -107,12 +110,17 @@ class OptunaSweeper(Sweeper):
             returns.append(results)
             ends = [search.job_end(self.job_dir(root, r, job)) for r, (job, _) in zip(results, batch)]
             if study is None:
-                study = self.new_study(optuna, storage, self.sampler(len(batch)), ends)
+                completed = [e for e in ends if e.status == "completed"]
+                mode = completed[0].mode if completed else "min"  # valid_loss when none completed
+                study = self.new_study(optuna, storage, self.sampler(len(batch)), search.direction_of(mode))
                 for trial, end in zip(trials, ends):
                     search.add(study, trial, end)
             else:
                 for trial, end in zip(trials, ends):
                     search.tell(study, trial, end)
+            monitors = [e.monitor for e in ends if e.status == "completed"]
+            if monitors and "monitor" not in study.user_attrs:
+                study.set_user_attr("monitor", monitors[0])  # the plots' label
         if study is not None:
             self.report(study, storage)
             search.write_plots(study, root)
@@ -144,23 +152,15 @@ class OptunaSweeper(Sweeper):
             )
         return study
 
-    def new_study(self, optuna: Any, storage: str, sampler: Any, ends: list[Any]) -> Any:
-        """The stored study, its direction from the settings or else from the first job that
-        completed (valid_loss, minimized, when none did)."""
-        from dlrun import search
-
-        s = self.settings
-        completed = [e for e in ends if e.status == "completed"]
-        direction = s.direction or search.direction_of(completed[0].mode if completed else "min")
-        study = optuna.create_study(
-            study_name=s.study_name,
+    def new_study(self, optuna: Any, storage: str, sampler: Any, direction: str) -> Any:
+        """The stored study (one that another process has just created is shared)."""
+        return optuna.create_study(
+            study_name=self.settings.study_name,
             storage=storage,
             sampler=sampler,
             direction=direction,
             load_if_exists=True,
         )
-        study.set_user_attr("monitor", completed[0].monitor if completed else "valid_loss")  # plots' label
-        return study
 
     def settle(self, study: Any, root: Path) -> list[tuple[int, dict[str, Any]]]:
         """Trials of this sweep directory that a killed process left running: those whose job
