@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,export]'
+	$(BIN)/python -m pip install --quiet -e '.[test,export,optuna,slurm]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,8 +22,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check dlrun tests benchmarks
-	$(BIN)/ruff format --check dlrun tests benchmarks
+	$(BIN)/ruff check dlrun hydra_plugins tests benchmarks
+	$(BIN)/ruff format --check dlrun hydra_plugins tests benchmarks
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

@@ -178,12 +178,18 @@ def run_hydra(command: str, args: list[str]) -> int:
     if command == "train":
         args = expand_resume(args)
     output = None
+    check_extras(args)
     if not any(a.split("=")[0] in NO_PREFLIGHT for a in args):
         # Printing the config (--cfg job) must not import torch, which the family checks do.
         printing = any(a.split("=")[0] in ("--cfg", "-c") for a in args)
         preflight(config_name, args, deep=not printing)
         if not printing:
             output = claim_output(config_name, args)
+            try:
+                check_sweeper(config_name, args, output)
+            except BaseException:
+                output.release()
+                raise
             args = args + output.overrides
             from dlrun import distributed
 
@@ -304,6 +310,57 @@ def cannot_create(path: Path, sweep: bool, key: str, error: OSError) -> DlrunErr
     )
 
 
+# Hydra plugins that come with one of dlrun's extras: the option -> (modules it needs, extra).
+PLUGIN_EXTRAS = {
+    "hydra/sweeper=optuna": (("optuna",), "optuna"),
+    "hydra/launcher=submitit_slurm": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+    "hydra/launcher=submitit_local": (("hydra_plugins.hydra_submitit_launcher", "submitit"), "slurm"),
+}
+
+
+def check_extras(args: list[str]) -> None:
+    """A sweeper or launcher from an extra that is not installed is a user error naming the
+    pip command (Hydra would only say that it has no such config)."""
+    for arg in args:
+        modules, extra = PLUGIN_EXTRAS.get(arg.lstrip("+").replace(" ", ""), ((), ""))
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise DlrunError(
+                    f"{arg} needs the {extra} extra ({first_line(e)}): pip install 'dlrun[{extra}]'"
+                ) from None
+
+
+def check_sweeper(config_name: str, args: list[str], output: Output) -> None:
+    """What the sweeper will vary besides the command line: `hydra.sweeper.params` (a named
+    space, +sweep=NAME) and an Optuna search's settings, checked like the command line's
+    overrides before any job runs. Their keys are the sweep's swept keys too."""
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    if not output.sweep:
+        return
+    sweeper = OmegaConf.select(output.config, "hydra.sweeper")
+    params = sweeper.get("params") or {}
+    output.swept += [override_key(k) for k in params if override_key(k) not in output.swept]
+    if str(sweeper.get("_target_", "")).endswith(".OptunaSweeper"):
+        from dlrun import search
+
+        if config_name != "train":
+            raise DlrunError(
+                "hydra/sweeper=optuna searches training runs (their summary.json holds the value): "
+                "use it with dlrun train"
+            )
+
+        overrides = get_args_parser().parse_known_args(args)[0].overrides
+        overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
+        for message in check_job(config_name, search.check(sweeper, overrides)):
+            warn(message)
+    elif params:
+        preflight(config_name, args + [f"{k}={v}" for k, v in params.items()])
+
+
 def end_sweep(output: Output, stopped: bool, interrupted: bool = False) -> int:
     """The sweep's last lines: the jobs that did not complete, and the exit code. When the sweep
     stopped early (Ctrl-C, a launcher failure), Hydra never reached the end of the sweep, so its
@@ -341,6 +398,7 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
 
         from dlrun.config import validate
 
+        join_submitit_ranks()
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         in_sweep = hc.mode == RunMode.MULTIRUN
@@ -348,9 +406,13 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
         with user_errors():
             try:
                 validate(cfg)
-                from dlrun.distributed import set_threads
+                from dlrun import distributed
 
-                set_threads(cfg)  # before any work: trainer.threads
+                # A submitit job of several tasks (joined above) is one DDP run that starts here;
+                # under torchrun the ranks started before the run directory was claimed.
+                distributed.check_config(cfg, sweep=False, command=command)
+                distributed.start(cfg)
+                distributed.set_threads(cfg)  # before any work: trainer.threads
                 module = importlib.import_module("dlrun.train" if command == "train" else "dlrun.lr_find")
                 return module.main(cfg, run_dir)
             except BaseException as e:
@@ -368,6 +430,20 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
         return None
 
     return task
+
+
+def join_submitit_ranks() -> None:
+    """A submitit job of several tasks (hydra.launcher.tasks_per_node, nodes) is one
+    DistributedDataParallel run, each task one rank: submitit knows the ranks (from SLURM, or
+    its local executor) and exports them the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT). Each task keeps every GPU in view and takes its LOCAL_RANK one."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def record_end(run_dir: Path, started: float, error: BaseException) -> str:

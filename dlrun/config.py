@@ -30,9 +30,11 @@ GROUPS = (
     "finetune",
     "experiment",
     "lr_find",
+    "sweep",
 )
 # The groups a run can do without (`~experiment`); deleting any other is refused.
-OPTIONAL_GROUPS = ("experiment",)
+# `sweep` is a named search space (configs/sweep/), added with +sweep=NAME.
+OPTIONAL_GROUPS = ("experiment", "sweep")
 
 
 # The run-wide keys, checked when present in the composed config.

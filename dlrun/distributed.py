@@ -148,10 +148,13 @@ def start(cfg: Any) -> None:
         torch.cuda.set_device(w.local_rank)
     dist.init_process_group(name)
     if not w.main:
-        # One voice: rank 0 shows the progress, the table and the messages.
+        # One voice: rank 0 shows the progress, the table and the messages, and writes the log.
+        import logging
+
         from dlrun import report
 
         report.console.quiet = report.err_console.quiet = True
+        logging.getLogger("dlrun").setLevel(logging.WARNING)
 
 
 def devices_to_launch(cfg: Any, sweep: bool) -> int:

@@ -58,6 +58,14 @@ def read_summary(path: Path) -> dict[str, Any] | None:
     return s
 
 
+def monitor_of(summary: dict[str, Any]) -> tuple[str, str]:
+    """The metric a summary's run monitored and which way is better (valid_loss, min when it
+    does not say)."""
+    monitor = summary.get("monitor") or "valid_loss"
+    # Older summaries carry no mode: accuracy was their only higher-is-better metric.
+    return monitor, summary.get("mode") or ("max" if monitor == "accuracy" else "min")
+
+
 def collect(root: Path) -> list[dict[str, Any]]:
     """One record per run directory under `root` that has a summary.json."""
     records = []
@@ -65,9 +73,7 @@ def collect(root: Path) -> list[dict[str, Any]]:
         s = read_summary(path)
         if s is None:
             s = {"status": "unreadable", "epochs": math.nan}
-        monitor = s.get("monitor") or "valid_loss"
-        # Older summaries carry no mode: accuracy was their only higher-is-better metric.
-        mode = s.get("mode") or ("max" if monitor == "accuracy" else "min")
+        monitor, mode = monitor_of(s)
         best = s.get("best") or {}
         records.append(
             {

@@ -121,3 +121,88 @@ def test_experiment_finetune_with_local_weights(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = train(run, "experiment=finetune", f"model.weights_path={weights}", "trainer.epochs=1", *TINY)
     assert "all layers unfrozen" in proc.stdout and "first layer group at" in proc.stdout
+
+
+def test_fine_tuning_a_pretrained_model_on_an_image_folder(tmp_path: Path, monkeypatch) -> None:
+    """The acceptance run: a tiny timm network with weights saved as timm publishes them (1000
+    classes, from a random init), fine-tuned on a generated image folder. While the body is
+    frozen its weights stay as loaded and the head's change; once unfrozen everything changes;
+    the first layer group's rate is lr * lr_mult at each phase's peak."""
+    import timm
+    from test_images import image_folder
+
+    from dlrun import finetune
+    from dlrun import learner as learner_module
+    from dlrun import train as loop
+
+    torch.manual_seed(0)
+    weights = tmp_path / "test_resnet.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=1000).state_dict(), weights)
+    folder = image_folder(tmp_path / "pics", "split", n=8)
+    lr, lr_mult = 2e-3, 0.01
+    cfg = compose(
+        "model=timm", "model.arch=test_resnet", "model.pretrained=true", f"model.weights_path={weights}",
+        "data=imagefolder", f"data.path={folder}", "data.size=32", "data.bs=4", "data.num_workers=0",
+        "finetune.freeze_epochs=1", "trainer.epochs=1", f"optimizer.lr={lr}", f"optimizer.lr_mult={lr_mult}",
+        "trainer.progress=false", "trainer.device=cpu",
+    )  # fmt: skip
+    learner = learner_module.prepare(cfg)
+    loaded = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    source = torch.load(weights, weights_only=True)
+    stem, head = "conv1.0.weight", "fc.weight"
+    assert torch.equal(loaded[stem], source[stem])  # the pretrained body was loaded
+    first = {id(p) for p in finetune_groups(cfg, learner.model)[0]}
+
+    at_boundary: dict[str, torch.Tensor] = {}
+    unfreeze = finetune.unfreeze
+    monkeypatch.setattr(
+        finetune, "unfreeze", lambda model: (at_boundary.update(clone(model)), unfreeze(model))
+    )
+    rates: list[tuple[float, float]] = []  # (head rate, first group's rate) at every step
+    set_hyper = learner_module.set_hyper
+
+    def record(optimizer, rate, momentum) -> None:
+        set_hyper(optimizer, rate, momentum)
+        groups = optimizer.param_groups
+        head_lr = max(g["lr"] for g in groups)
+        first_lr = next(g["lr"] for g in groups if any(id(p) in first for p in g["params"]))
+        rates.append((head_lr, first_lr))
+
+    monkeypatch.setattr(learner_module, "set_hyper", record)
+    (tmp_path / "run").mkdir()
+    summary = loop.fit(cfg, tmp_path / "run", learner)
+
+    norms = norm_keys(learner.model)
+    body = [k for k in loaded if k.startswith(("conv1.", "layer1.")) and k not in norms]
+    assert body and all(torch.equal(at_boundary[k], loaded[k]) for k in body)  # frozen
+    assert not torch.equal(at_boundary[head], loaded[head])  # the head trained
+    after = learner.model.state_dict()
+    weights_after = [k for k in loaded if k.endswith(".weight")]
+    assert all(not torch.equal(after[k], at_boundary[k]) for k in weights_after)  # then all of it
+    steps = len(rates) // 2  # 4 updates in each phase
+    for phase, peak in ((rates[:steps], lr), (rates[steps:], summary["lr_unfrozen"])):
+        head_lr, first_lr = max(phase)
+        assert head_lr == pytest.approx(peak, rel=1e-9)
+        assert first_lr == pytest.approx(peak * lr_mult, rel=1e-9)
+    assert summary["lr_unfrozen"] == pytest.approx(lr / 2)
+
+
+def finetune_groups(cfg, model):
+    from dlrun.family import layer_groups
+
+    return layer_groups(cfg, model)
+
+
+def clone(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def norm_keys(model) -> set[str]:
+    """The state-dict keys of normalisation layers (they train while the body is frozen)."""
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    return {
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if isinstance(module, norms)
+        for key in module.state_dict()
+    }

@@ -56,6 +56,15 @@ def test_a_wheel_in_a_fresh_venv_carries_its_configs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "name: penguins" in proc.stdout
+    # Hydra finds dlrun's sweeper plugin (hydra_plugins/, a namespace package) in the wheel.
+    proc = subprocess.run(
+        [str(venv / "bin" / "dlrun"), "train", "--cfg", "hydra", "hydra/sweeper=optuna", "+sweep=dropout_wd"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "_target_: hydra_plugins.dlrun_optuna_sweeper" in proc.stdout and "0,0.25,0.5" in proc.stdout
     run = elsewhere / "run"
     proc = subprocess.run(
         [
