@@ -331,3 +331,17 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint_and_the_run_resumes(tmp_path)
     proc = dlrun("train", f"resume={run_dir}", "trainer.epochs=" + str(stopped + 1), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert summary(run_dir)["status"] == "completed" and summary(run_dir)["processes"] == 2
+
+
+@pytest.mark.slow
+def test_a_submitit_job_of_two_tasks_is_one_ddp_run(tmp_path):
+    pytest.importorskip("submitit")
+    proc = dlrun(
+        "train", "-m", *DIGITS, "trainer.epochs=2", "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={tmp_path}", "seed=1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = summary(tmp_path / "0")
+    assert job["status"] == "completed" and job["processes"] == 2 and job["best"]["accuracy"] > 0.9
+    log = (tmp_path / "0" / "train.log").read_text()
+    assert log.count("training on") == 1  # rank 0 alone writes the log
