@@ -263,7 +263,10 @@ def test_a_submitit_job_of_several_tasks_is_one_ddp_run_with_a_rank_per_task(tas
     from dlrun.cli import join_submitit_ranks
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then deleted: monkeypatch records the name, so what the export below sets is
+        # removed after the test (a WORLD_SIZE left behind makes every later dlrun a DDP rank)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     # What submitit's local executor sets in the second task of a job (SLURM's job is alike).
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     for key, value in {"JOB_ID": "4242", "NTASKS": tasks, "JOB_NUM_NODES": 1, "NODEID": 0}.items():
