@@ -30,6 +30,7 @@ GROUPS = (
     "finetune",
     "experiment",
     "lr_find",
+    "logger",
 )
 # The groups a run can do without (`~experiment`); deleting any other is refused.
 OPTIONAL_GROUPS = ("experiment",)
@@ -75,6 +76,9 @@ RULES: dict[str, Rule] = {
     "lr_find.beta": Float(0, 1),
     "lr_find.stop_div": Float(1, lo_open=True),
     "lr_find.suggest": Choice("minimum", "steep", "valley", "slide"),
+    # experiment tracking (logger=[...,mlflow])
+    "logger.mlflow.tracking_uri": Rule("str"),
+    "logger.mlflow.experiment": Rule("str"),
 }
 
 
