@@ -289,7 +289,9 @@ def end_sweep(output: Output, stopped: bool, interrupted: bool = False) -> int:
                 if sweep.job_end(job)[0] == "unknown":
                     record_end(job, (job / rundir.CONFIG).stat().st_mtime, KeyboardInterrupt())
 
-        for name, params in (OmegaConf.select(output.config, "hydra.callbacks") or {}).items():
+        # In reverse, as Hydra ends them: a callback ends after those it was listed before.
+        callbacks = (OmegaConf.select(output.config, "hydra.callbacks") or {}).items()
+        for name, params in reversed(list(callbacks)):
             try:
                 instantiate(params).on_multirun_end(config=output.config)
             except Exception as e:  # noqa: BLE001 - one broken callback must not hide the rest

@@ -21,11 +21,12 @@ and skips the steps it already holds. A sweep with `mlflow` is one parent run (o
 `SweepTracking` Hydra callback, id in the sweep directory's `mlflow.json`) with a nested run per job.
 
 Light at import (no torch, no tensorboard, no mlflow): the sweep callback is imported by the CLI.
+The chosen loggers' packages are imported when a run opens them (`require`).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import queue
 import threading
@@ -40,8 +41,11 @@ from dlrun.errors import DlrunError, first_line
 
 log = logging.getLogger("dlrun")
 
-# logger -> the package it needs (and the pip extra of the same name); csv needs none.
-PACKAGES = {"csv": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}
+# logger -> (the module it runs on, the package that installs it: also dlrun's pip extra).
+PACKAGES = {
+    "tensorboard": ("torch.utils.tensorboard", "tensorboard"),
+    "mlflow": ("mlflow.tracking", "mlflow"),
+}
 TENSORBOARD_DIR = "tensorboard"  # inside the run directory
 MLFLOW_IDS = "mlflow.json"  # in a run directory: its MLflow run; in a sweep directory: the parent's
 # The run directory's files an MLflow run keeps as artifacts (those that exist).
@@ -65,14 +69,20 @@ def chosen(cfg: Any) -> list[str]:
 
 
 def require(names: list[str]) -> None:
-    """Refuse a logger whose package is not installed, with the pip command that installs it."""
+    """Import the modules the chosen loggers run on, or refuse with the pip command that installs
+    them. Imported here, on the main thread, before training: an import on the loggers' thread
+    would compete with the first epochs for the interpreter."""
     for name in names:
-        package = PACKAGES.get(name)
-        if package and importlib.util.find_spec(package) is None:
+        if name not in PACKAGES:
+            continue
+        module, package = PACKAGES[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
             raise DlrunError(
-                f"logger={name} needs the {package} package, which is not installed: "
+                f"logger={name} needs the {package} package, which is not installed ({first_line(e)}): "
                 f"pip install 'dlrun[{name}]' (or drop {name} from logger=[...])"
-            )
+            ) from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
