@@ -47,6 +47,8 @@ PACKAGES = {
     "mlflow": ("mlflow.tracking", "mlflow"),
 }
 TENSORBOARD_DIR = "tensorboard"  # inside the run directory
+# MLflow: per-step points wait at most this long (or to the epoch's end) to be sent, in one call.
+FLUSH_S = 10.0
 MLFLOW_IDS = "mlflow.json"  # in a run directory: its MLflow run; in a sweep directory: the parent's
 # The run directory's files an MLflow run keeps as artifacts (those that exist).
 ARTIFACTS = (
@@ -164,13 +166,10 @@ class Loggers:
 
     def _switch_off(self, logger: Any, method: str, error: Exception) -> None:
         """Report a logger's failure once, and send it nothing more for this run."""
-        from dlrun import report
-
         self.active.remove(logger)
         what = f"{type(error).__name__}: {first_line(error)}"
-        message = f"logger {logger.name} switched off for this run ({method} failed: {what})"
-        log.warning(message)
-        report.err_console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
+        # To the terminal (the console handler shows warnings) and to the run's log.
+        log.warning("warning: logger %s switched off for this run (%s failed: %s)", logger.name, method, what)
         try:
             logger.close()
         except Exception:  # noqa: BLE001 - it has been reported already
@@ -198,7 +197,7 @@ class Loggers:
 
     def epoch(self, step: int, row: dict[str, float]) -> None:
         """One metrics.csv row, at the step that ends its epoch."""
-        self._send("metrics", step, {f"epoch/{k}": float(v) for k, v in row.items() if k != "epoch"})
+        self._send("epoch", step, {f"epoch/{k}": float(v) for k, v in row.items() if k != "epoch"})
 
     def lr_find(self, result: dict[str, Any], run_dir: Path, stem: str) -> None:
         """The lr finder's curve (written as <stem>.png / .csv in run_dir)."""
@@ -246,6 +245,8 @@ class TensorBoardLogger:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
 
+    epoch = metrics
+
     def lr_find(self, result: dict[str, Any], run_dir: Path, stem: str) -> None:
         # Scalars take a step, not an lr, as x: the curve by iteration, then the plot itself.
         for i, (lr, loss) in enumerate(zip(result["lrs"], result["smoothed"])):
@@ -278,6 +279,8 @@ class MlflowLogger:
         self.run_id = ""
         self.run_dir = Path()
         self.logged: dict[str, int] = {}  # metric -> last step the run holds (a resumed run)
+        self.pending: list[Any] = []  # per-step metrics not yet sent
+        self.sent = time.monotonic()
 
     def start(self, run: Run) -> None:
         from mlflow.tracking import MlflowClient
@@ -321,12 +324,24 @@ class MlflowLogger:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        """Per-step points, sent with the epoch's metrics or once FLUSH_S seconds have passed:
+        each call to the store is a transaction (tens of ms of Python on a busy CPU), which
+        the training thread would feel through the interpreter lock."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        new = [Metric(k, v, now, step) for k, v in values.items() if step > self.logged.get(k, -1)]
-        if new:
-            self.client.log_batch(self.run_id, metrics=new)
+        self.pending += [Metric(k, v, now, step) for k, v in values.items() if step > self.logged.get(k, -1)]
+        if time.monotonic() - self.sent > FLUSH_S:
+            self.flush()
+
+    def epoch(self, step: int, values: dict[str, float]) -> None:
+        self.metrics(step, values)
+        self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        self.pending, self.sent = [], time.monotonic()
 
     def lr_find(self, result: dict[str, Any], run_dir: Path, stem: str) -> None:
         # The curve by iteration (as in TensorBoard) and the suggested rate; the plot and the
@@ -345,9 +360,9 @@ class MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        best = [Metric(f"best/{k}", float(v), now, 0) for k, v in (summary.get("best") or {}).items()]
-        if best:
-            self.client.log_batch(self.run_id, metrics=best)
+        best = summary.get("best") or {}
+        self.pending += [Metric(f"best/{k}", float(v), now, 0) for k, v in best.items()]
+        self.flush()
         self._tags({"dlrun.status": summary["status"]})
         for name in ARTIFACTS:
             path = self.run_dir / name

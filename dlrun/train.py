@@ -33,7 +33,7 @@ from dlrun.checkpoint import RunState, load_checkpoint, save_best, save_checkpoi
 from dlrun.errors import DlrunError
 from dlrun.family import better, save_state
 from dlrun.learner import Learner, evaluate, prepare, train_step
-from dlrun.loggers import Loggers, Run, open_loggers
+from dlrun.loggers import Loggers, Run, chosen, open_loggers, require
 from dlrun.lr_find import lr_find
 from dlrun.schedule import build_schedule
 
@@ -375,6 +375,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """`dlrun train`: fit, with out-of-memory retries at half the batch size when
     `trainer.auto_bs` is set, and a failed-run summary for any user error."""
     started = time.time()
+    require(chosen(cfg))  # a missing logger package is refused before any set-up
     try:
         while True:
             learner = None

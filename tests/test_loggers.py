@@ -190,9 +190,10 @@ def test_an_unreachable_tracking_server_does_not_stop_training(tmp_path):
         f"logger.mlflow.tracking_uri=http://127.0.0.1:{closed_port()}", env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stderr.count("logger mlflow switched off") == 1, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert out.count("warning: logger mlflow switched off for this run (start failed") == 1, out
     assert summary(tmp_path / "run")["status"] == "completed" and len(metrics_rows(tmp_path / "run")) == 2
-    assert time.time() - started < 60
+    assert time.time() - started < 90  # MLflow's default retries would take minutes
 
 
 def test_a_logger_whose_package_is_missing_is_a_user_error(tmp_path):
