@@ -167,8 +167,7 @@ def fit(
     schedule = make_schedule()
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch)
     summary = Summary(run_dir, learner, started, state, loggers)
-    resumed = bool(cfg.resume)
-    loggers.start(Run(cfg, run_dir, state.epoch * steps + state.batch, resumed, str(learner.device)))
+    loggers.start(Run(cfg, run_dir, state.epoch * steps + state.batch, bool(cfg.resume), str(learner.device)))
     if found:
         loggers.lr_find(found, run_dir, "lr_find")
     if state.epoch == 0 and state.batch == 0:

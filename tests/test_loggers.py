@@ -48,10 +48,11 @@ def runs_of(folder: Path, experiment: str) -> tuple[object, list]:
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory: pytest.TempPathFactory, mlstore: Path) -> Path:
-    """One 2-epoch run with every logger."""
+    """One 2-epoch run with every logger, after a short lr finder."""
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     folder = tmp_path_factory.mktemp("tracked")
-    train(folder / "run", *TINY, "logger=[csv,tensorboard,mlflow]", *store(mlstore, "tracked"))
+    lr_find = ("optimizer.lr=find", "lr_find.num_it=8")
+    train(folder / "run", *TINY, *lr_find, "logger=[csv,tensorboard,mlflow]", *store(mlstore, "tracked"))
     return folder
 
 
@@ -71,6 +72,10 @@ def test_tensorboard_reads_back_the_train_loss_and_valid_metrics(tracked):
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     best = summary(tracked / "run")["best"]
     assert events.Scalars("best/accuracy")[-1].value == pytest.approx(best["accuracy"])
+    # The lr finder's curve, point by point, and its plot.
+    found = (tracked / "run" / "lr_find.csv").read_text().splitlines()[1:]
+    assert len(events.Scalars("lr_find/smoothed_loss")) == len(found) > 0
+    assert "lr_find" in events.Tags()["images"]
 
 
 def test_mlflow_holds_one_run_with_params_metrics_by_step_and_artifacts(tracked, mlstore):
@@ -87,8 +92,10 @@ def test_mlflow_holds_one_run_with_params_metrics_by_step_and_artifacts(tracked,
     rows = metrics_rows(tracked / "run", drop=())
     assert [m.step for m in valid] == EPOCH_ENDS
     assert [m.value for m in valid] == pytest.approx([float(r["valid_loss"]) for r in rows])
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.csv", "summary.json", "loss.png", "config.yaml"} <= artifacts
+    files = {"metrics.csv", "summary.json", "loss.png", "config.yaml", "lr_find.png", "lr_find.csv"}
+    assert files <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    suggested = client.get_metric_history(run.info.run_id, "lr_find/suggested_lr")
+    assert suggested[0].value == pytest.approx(summary(tracked / "run")["lr"])
     # The run directory names its MLflow run, for resuming it.
     assert (tracked / "run" / "mlflow.json").read_text().count(run.info.run_id) == 1
 
