@@ -302,10 +302,13 @@ class MlflowLogger:
             self._tags(tags | {"dlrun.status": "running", "dlrun.resumed": "true"})
             return
         experiment = experiment_id(client, settings)
-        parent = parent_run(run.sweep)
+        parent = read_ids(run.sweep)
+        shown = run.overrides
         if parent:
-            tags["mlflow.parentRunId"] = parent
-        name = run.run_dir.name + (f" {' '.join(run.overrides)}" if run.overrides else "")
+            tags["mlflow.parentRunId"] = parent["run_id"]
+            # A job by its number and the values swept (the sweep's other overrides are the parent's).
+            shown = [o for o in shown if o.split("=")[0].lstrip("+~") in parent.get("swept", [])]
+        name = run.run_dir.name + (f" {' '.join(shown)}" if shown else "")
         self.run_id = client.create_run(experiment, run_name=name, tags=tags).info.run_id
         rundir.write_json(ids, {"run_id": self.run_id, "experiment_id": experiment})
         self._params(config_params(run.cfg))
@@ -418,10 +421,11 @@ def version_tags() -> dict[str, str]:
     }
 
 
-def parent_run(sweep: Path | None) -> str | None:
-    """The sweep's parent MLflow run id, if this is a job of a sweep that has one."""
+def read_ids(sweep: Path | None) -> dict[str, Any] | None:
+    """The sweep's parent MLflow run ({"run_id", "swept": keys}), if this is a job of a sweep
+    that has one."""
     path = sweep / MLFLOW_IDS if sweep else None
-    return rundir.read_json(path)["run_id"] if path and path.is_file() else None
+    return rundir.read_json(path) if path and path.is_file() else None
 
 
 class SweepTracking(Callback):
@@ -441,18 +445,23 @@ class SweepTracking(Callback):
             client = MlflowClient(tracking_uri=store_uri(settings.tracking_uri))
             tags = {"dlrun.sweep_dir": str(root.resolve()), "dlrun.status": "running", **version_tags()}
             run = client.create_run(experiment_id(client, settings), run_name=f"sweep {root.name}", tags=tags)
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
             sweep_args = [o for o in config.hydra.overrides.task if not o.startswith("hydra")]
             client.set_tag(run.info.run_id, "dlrun.overrides", " ".join(sweep_args))
+            parsed = OverridesParser.create().parse_overrides(sweep_args)
+            swept = [o.key_or_group.lstrip("+~") for o in parsed if o.is_sweep_override()]
             root.mkdir(parents=True, exist_ok=True)
-            rundir.write_json(root / MLFLOW_IDS, {"run_id": run.info.run_id})
+            rundir.write_json(root / MLFLOW_IDS, {"run_id": run.info.run_id, "swept": swept})
         except Exception as e:  # noqa: BLE001 - tracking never stops the sweep
             warn_sweep(e)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
-        parent = parent_run(root)
-        if parent is None:
+        ids = read_ids(root)
+        if ids is None:
             return
+        parent = ids["run_id"]
         try:
             from mlflow.tracking import MlflowClient
 

@@ -120,6 +120,7 @@ def test_a_sweep_is_one_parent_mlflow_run_with_the_jobs_nested(swept, mlstore):
     parent = parents[0]
     jobs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
+    assert sorted(r.info.run_name for r in jobs) == ["0 seed=0", "1 seed=1"]
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in jobs)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.csv"}
 
