@@ -2,7 +2,7 @@
 `trainer.log_every`: `train.fit` with `logger=[csv]` against `logger=[csv,tensorboard,mlflow]`,
 in the same process, alternated so that machine noise hits both.
 
-    .venv/bin/python benchmarks/bench_loggers.py [--epochs 6] [--repeats 5]
+    .venv/bin/python benchmarks/bench_loggers.py [--epochs 4] [--repeats 5]
 
 An epoch's time is taken between two consecutive metrics.csv rows (train steps, validation,
 the row, the checkpoint, and the loggers' calls), from the second epoch on: the run's start
@@ -46,7 +46,7 @@ def timed_fit(cfg, run_dir: Path) -> tuple[list[float], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -68,6 +68,9 @@ def main() -> None:
             if i:
                 epochs[name].append(statistics.median(per_epoch))
                 totals[name].append(total)
+        if i:
+            a, b = (epochs[name][-1] for name in configs)
+            print(f"pair {i}: epoch {a:.4f} s / {b:.4f} s, ratio {b / a:.3f}", flush=True)
     base, logged = epochs["csv"], epochs["csv+tensorboard+mlflow"]
     ratios = [b / a for a, b in zip(base, logged)]  # each pair ran back to back
     for name in configs:
