@@ -379,7 +379,9 @@ def end_sweep(output: Output, stopped: bool, interrupted: bool = False) -> int:
                 if sweep.job_end(job)[0] == "unknown":
                     record_end(job, (job / rundir.CONFIG).stat().st_mtime, KeyboardInterrupt())
 
-        for name, params in (OmegaConf.select(output.config, "hydra.callbacks") or {}).items():
+        # In reverse, as Hydra ends them: a callback ends after those it was listed before.
+        callbacks = (OmegaConf.select(output.config, "hydra.callbacks") or {}).items()
+        for name, params in reversed(list(callbacks)):
             try:
                 instantiate(params).on_multirun_end(config=output.config)
             except Exception as e:  # noqa: BLE001 - one broken callback must not hide the rest
@@ -747,15 +749,18 @@ def check_job(config_name: str, job: list[str], deep: bool = True) -> list[str]:
                 f"~{o.key_or_group} would remove the {o.key_or_group} group, which dlrun needs: "
                 f"pick one instead ({o.key_or_group}={', '.join(options)})"
             )
-        if group and isinstance(value, str) and o.key_or_group in GROUPS:
+        # A list-valued group (logger=[csv,mlflow]) selects several options at once.
+        names = value if isinstance(value, list) else [value]
+        if group and o.key_or_group in GROUPS and all(isinstance(v, str) for v in names):
             options = group_options(o.key_or_group)
-            if value not in options:
-                hint = closest(value, options)
-                raise DlrunError(
-                    f"{o.key_or_group}={value} is not a {o.key_or_group} config"
-                    + (f" (did you mean {o.key_or_group}={hint}?)" if hint else "")
-                    + f": use one of {', '.join(options)}"
-                )
+            for name in names:
+                if name not in options:
+                    hint = closest(name, options)
+                    raise DlrunError(
+                        f"{o.key_or_group}={name} is not a {o.key_or_group} config"
+                        + (f" (did you mean {o.key_or_group}={hint}?)" if hint else "")
+                        + f": use one of {', '.join(options)}"
+                    )
     with initialize_config_dir(str(configs_dir()), version_base="1.3", job_name="dlrun"):
         groups_only = [s for s, g in zip(job, is_group) if g]
         try:
@@ -792,6 +797,12 @@ def check_job(config_name: str, job: list[str], deep: bool = True) -> list[str]:
                         + "; the run goes on without it"
                     )
             elif key not in keys and not any(k.startswith(key + ".") for k in keys):
+                part = key.split(".")
+                if part[0] == "logger" and len(part) > 1 and part[1] in group_options("logger"):
+                    raise DlrunError(
+                        f"{key} sets the {part[1]} logger, which is not chosen: "
+                        f"add it to the loggers, e.g. 'logger=[csv,{part[1]}]'"
+                    )
                 hint = closest(key, keys)
                 raise DlrunError(
                     f"{key} is not a config key"

@@ -31,6 +31,7 @@ GROUPS = (
     "experiment",
     "lr_find",
     "sweep",
+    "logger",
 )
 # The groups a run can do without (`~experiment`); deleting any other is refused.
 # `sweep` is a named search space (configs/sweep/), added with +sweep=NAME.
@@ -79,6 +80,9 @@ RULES: dict[str, Rule] = {
     "lr_find.beta": Float(0, 1),
     "lr_find.stop_div": Float(1, lo_open=True),
     "lr_find.suggest": Choice("minimum", "steep", "valley", "slide"),
+    # experiment tracking (logger=[...,mlflow])
+    "logger.mlflow.tracking_uri": Rule("str"),
+    "logger.mlflow.experiment": Rule("str"),
 }
 
 

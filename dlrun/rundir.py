@@ -26,6 +26,9 @@ CONFIG = Path(".hydra") / "config.yaml"
 # `--weights` of the commands that read a run (eval, predict, export, interpret): which file.
 WEIGHTS = {"best": BEST, "last": CHECKPOINT}
 OVERRIDES = Path(".hydra") / "overrides.yaml"
+# logger=mlflow with a SQLite store: the runs' artifacts (copies of their files, summary.json too)
+# go into this folder beside the database, under outputs/; `dlrun runs` does not list them as runs.
+MLFLOW_ARTIFACTS = "mlartifacts"
 
 
 def add_weights_option(parser: Any) -> None:

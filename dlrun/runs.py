@@ -70,6 +70,8 @@ def collect(root: Path) -> list[dict[str, Any]]:
     """One record per run directory under `root` that has a summary.json."""
     records = []
     for path in sorted(root.rglob(rundir.SUMMARY)):
+        if rundir.MLFLOW_ARTIFACTS in path.relative_to(root).parts:
+            continue
         s = read_summary(path)
         if s is None:
             s = {"status": "unreadable", "epochs": math.nan}
@@ -170,9 +172,15 @@ def plot_sweep(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`dlrun runs [DIR]`."""
+    """`dlrun runs [DIR] [--csv FILE] [--plot [FILE]] [--metric NAME]`."""
     parser = argparse.ArgumentParser(prog="dlrun runs", description="Table of past runs, best first.")
     parser.add_argument("dir", nargs="?", default="outputs", help="a sweep directory or any folder of runs")
+    parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    parser.add_argument(
+        "--plot", nargs="?", const="", metavar="FILE",
+        help="every run's per-epoch curve of --metric on one figure (default FILE: DIR/curves.png)",
+    )  # fmt: skip
+    parser.add_argument("--metric", help="the metric to plot (default: the one the runs monitor)")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     if not root.is_dir():
@@ -181,3 +189,12 @@ def main(argv: list[str]) -> None:
     if not records:
         raise DlrunError(f"no runs under {args.dir} (no summary.json found)")
     show(records, f"{len(records)} runs in {args.dir}, best first")
+    if args.csv:
+        write_csv(records, Path(args.csv))
+        report.console.print(f"table: {args.csv}")
+    if args.plot is not None:
+        from dlrun.compare import plot_curves
+
+        path = Path(args.plot) if args.plot else root / "curves.png"
+        plot_curves(root, records, args.metric, path)
+        report.console.print(f"curves: {path}")

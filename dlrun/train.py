@@ -33,6 +33,7 @@ from dlrun.checkpoint import RunState, load_checkpoint, save_best, save_checkpoi
 from dlrun.errors import DlrunError
 from dlrun.family import better, save_state
 from dlrun.learner import Learner, evaluate, prepare, train_step
+from dlrun.loggers import Loggers, Run, chosen, open_loggers, require
 from dlrun.lr_find import lr_find
 from dlrun.schedule import build_schedule
 
@@ -128,6 +129,8 @@ def fit(
     updates = math.ceil(steps / accumulate)  # optimizer steps per epoch
     monitored = data.metrics()  # which metric early stopping watches, and which way is better
     epochs, frozen = finetune.total_epochs(cfg), finetune.freeze_epochs(cfg)
+    loggers = open_loggers(cfg)  # before any work: a logger whose package is missing is a user error
+    found = None  # the lr finder's result, with optimizer.lr=find
     if cfg.resume:
         state = load_checkpoint(run_dir / rundir.CHECKPOINT, learner)
         rows = [r for r in rundir.read_metrics(run_dir) if r["epoch"] <= state.epoch]
@@ -143,8 +146,8 @@ def fit(
     else:
         if frozen:
             finetune.freeze(cfg, learner.model)  # before the finder: it picks the head's rate
-        lr = lr_find(cfg, learner, run_dir)["lr"] if cfg.optimizer.lr == "find" else float(cfg.optimizer.lr)
-        state = RunState(lr=lr)
+        found = lr_find(cfg, learner, run_dir) if cfg.optimizer.lr == "find" else None
+        state = RunState(lr=found["lr"] if found else float(cfg.optimizer.lr))
     if learner.decay is not None:
         learner.decay.refresh()
     main = distributed.world().main  # with several processes, rank 0 alone writes the run directory
@@ -166,7 +169,12 @@ def fit(
 
     schedule = make_schedule()
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch, write=main)
-    summary = Summary(run_dir, learner, started, state, write=main)
+    if not main:
+        loggers = Loggers([])  # one run, one set of loggers: rank 0's
+    summary = Summary(run_dir, learner, started, state, loggers, write=main)
+    loggers.start(Run(cfg, run_dir, state.epoch * steps + state.batch, bool(cfg.resume), str(learner.device)))
+    if found:
+        loggers.lr_find(found, run_dir, "lr_find")
     if state.epoch == 0 and state.batch == 0:
         log.info("training on %s (%s) at lr %.3g", learner.device, learner.precision, state.lr)
         for split, facts in data.split.items():
@@ -194,7 +202,9 @@ def fit(
         if learner.decay is not None:
             learner.decay.refresh()
         if cfg.optimizer.lr == "find":
-            state.lr_unfrozen = lr_find(cfg, learner, run_dir, stem="lr_find_unfrozen")["lr"]
+            found = lr_find(cfg, learner, run_dir, stem="lr_find_unfrozen")
+            loggers.lr_find(found, run_dir, "lr_find_unfrozen")
+            state.lr_unfrozen = found["lr"]
         else:
             state.lr_unfrozen = state.lr / float(cfg.finetune.lr_div)
         schedule = make_schedule()
@@ -210,7 +220,7 @@ def fit(
     stopped = None
     # Several processes stop together: at the step after a loss read that carried a request.
     stopping = False
-    with StopRequest() as stop_request, display:
+    with StopRequest() as stop_request, display, loggers:
         for row in metrics_log.rows:
             display.row(row)
         for epoch in range(state.epoch, epochs):
@@ -260,6 +270,7 @@ def fit(
                         )
                     seconds = state.epoch_seconds + time.perf_counter() - t0
                     display.update(state.batch, current, state.items * ranks / max(seconds, 1e-9))
+                    loggers.step(epoch * steps + state.batch, current, lr)
                 if update and (stopping if ranks > 1 else stop_request.requested):
                     # Checked after an optimizer step and before the next batch is drawn: the
                     # saved RNG state has not yet been used for the next batch's augmentation.
@@ -275,6 +286,7 @@ def fit(
             row = {"epoch": epoch + 1, "train_loss": train_loss, **valid}
             row |= {"lr": state.last_lr, "seconds": state.epoch_seconds}
             metrics_log.append(row)
+            loggers.epoch((epoch + 1) * steps, row)
             display.row(row)
             log.info("epoch %d: %s", epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
             state.epoch, state.batch = epoch + 1, 0
@@ -313,9 +325,11 @@ class Summary:
         learner: Learner | None,
         started: float,
         state: RunState | None,
+        loggers: Loggers | None = None,
         write: bool = True,
     ):
         self.run_dir, self.learner, self.started, self.state = run_dir, learner, started, state
+        self.loggers = loggers  # told how the run ended, once its files are written
         self.write_files = write  # False in ranks other than 0: the summary is rank 0's to write
         self.wall_before = state.wall_before if state else 0.0  # earlier sessions of a resumed run
 
@@ -367,6 +381,8 @@ class Summary:
             rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
             if rows:
                 report.plot_losses(rows, self.run_dir / rundir.LOSS_PLOT)
+        if self.loggers is not None:
+            self.loggers.finish(summary)
         return summary
 
 
@@ -381,6 +397,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """`dlrun train`: fit, with out-of-memory retries at half the batch size when
     `trainer.auto_bs` is set, and a failed-run summary for any user error."""
     started = time.time()
+    require(chosen(cfg))  # a missing logger package is refused before any set-up
     try:
         while True:
             learner = None
