@@ -53,7 +53,7 @@ RULES: dict[str, Rule] = {
     "trainer.epochs": Int(1),
     "trainer.device": Choice("auto", "cpu", "cuda", "mps"),
     "trainer.precision": Choice("auto", "32", "bf16", "16"),
-    "trainer.compile": BOOL,
+    "trainer.compile": Rule("bool", words=("auto",)),
     "trainer.grad_clip": Float(0, lo_open=True, nullable=True),
     "trainer.accumulate": Int(1),
     "trainer.early_stop.patience": Int(1, nullable=True),

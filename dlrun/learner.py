@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from dlrun.compiled_step import StepCompiler
 from dlrun.errors import DlrunError
 from dlrun.family import Data, build_data, build_model
 from dlrun.losses import classification_loss
@@ -78,6 +79,7 @@ class Learner:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     forward: Callable[[Any], Any] | None = None  # the model's torch.compile'd version, else the model
+    compiler: StepCompiler | None = None  # trainer.compile: the whole step compiled, when it pays
     precision: str = "32"
     autocast: Callable[[], Any] = contextlib.nullcontext
     scaler: Any = None  # GradScaler for fp16
@@ -88,7 +90,8 @@ class Learner:
     params: list[torch.Tensor] = field(init=False)  # what gradient clipping sees
 
     def __post_init__(self) -> None:
-        self.forward = self.forward or self.model
+        # `is None`, not `or`: a compiled module's truth value asks the model for len().
+        self.forward = self.forward if self.forward is not None else self.model
         self.loss = self.loss or self.data.loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -144,7 +147,8 @@ def prepare(cfg: DictConfig) -> Learner:
         data=data,
         model=model,
         optimizer=optimizer,
-        forward=torch.compile(model) if cfg.trainer.compile else model,
+        forward=torch.compile(model) if cfg.trainer.compile is True else model,
+        compiler=StepCompiler(cfg.trainer.compile, device),
         precision=precision,
         autocast=autocast,
         scaler=scaler,
@@ -193,6 +197,11 @@ def train_step(
     """One batch: its gradient, times `weight` (1/K for one of K accumulated micro-batches),
     added to the parameters' gradients; with `update` (every batch without accumulation), then
     one optimizer step at (lr, momentum). Returns the batch's loss, still on the device."""
+    compiler = learner.compiler
+    if compiler is not None and compiler.eligible(learner, weight, update):
+        loss = compiler.step(learner, x, y, lr, momentum)
+        if loss is not None:
+            return loss
     opt, scaler = learner.optimizer, learner.scaler
     with learner.autocast():
         if learner.mixup is None:

@@ -162,6 +162,8 @@ def fit(
         return finetune.phased(first, second, updates * frozen)
 
     schedule = make_schedule()
+    if learner.compiler is not None:  # trainer.compile=auto weighs the steps left against compiling
+        learner.compiler.begin(updates * epochs - state.step)
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch)
     summary = Summary(run_dir, learner, started, state)
     if state.epoch == 0 and state.batch == 0:
@@ -314,6 +316,7 @@ class Summary:
         wall = self.wall()
         metric_names = [k for k in (rows[-1] if rows else {}) if k not in ("epoch", "lr", "seconds")]
         metrics = self.learner.data.metrics() if self.learner else None
+        compiler = self.learner.compiler if self.learner else None
         summary = {
             "status": status,
             "message": message,
@@ -327,6 +330,7 @@ class Summary:
             "lr": state.lr,
             "lr_unfrozen": state.lr_unfrozen or None,  # finetune: the unfrozen phase's peak rate
             "wall_s": round(wall, 3),
+            "compile_s": round(compiler.compile_s, 3) if compiler else 0.0,  # trainer.compile, in wall_s
             "items_per_s": state.train_items / state.train_seconds if state.train_seconds else None,
             "split": self.learner.data.split if self.learner else {},
             "device": str(self.learner.device) if self.learner else None,
