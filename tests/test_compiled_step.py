@@ -73,7 +73,9 @@ def test_the_compiled_step_trains_as_the_eager_one_does(tmp_path):
 
     losses = {}
     for mode in ("false", "true"):
-        cfg = compose("model=tabular", "trainer.epochs=2", "trainer.progress=0", f"trainer.compile={mode}")
+        cfg = compose(
+            "model=tabular", "trainer.epochs=2", "trainer.progress=false", f"trainer.compile={mode}"
+        )
         learner = prepare(cfg)
         summary = fit(cfg, tmp_path / mode, learner)
         assert summary["status"] == "completed"
