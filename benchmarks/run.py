@@ -20,7 +20,8 @@ slower); `spread` is (max - min) / median of the per-repeat ratios.
 Distance to the limit: each training case's model FLOPs per item (forward + backward of one
 batch under torch.utils.flop_counter.FlopCounterMode, which counts matrix products and
 convolutions, not element-wise work) times dlrun's items/s, as a fraction of the machine's
-matrix-multiply rate (a 2048 x 2048 fp32 matmul timed in the same run).
+matrix-multiply rate (a 2048 x 2048 fp32 matmul timed at the start and at the end of the run,
+the faster of the two).
 
 `--quick` (a few steps per case, one repeat) takes under a minute on an idle 2-core CPU;
 `--json FILE` writes {"machine": {...}, "results": [{"name", "dlrun_s", "plain_s", "ratio",
@@ -95,7 +96,13 @@ def cases() -> list[Case]:
         Case("cli_cfg_job", command=[*dlrun, "train", "--cfg", "job"]),
         Case(
             "time_to_first_step",
-            command=[*dlrun, "train", "trainer.epochs=1", "trainer.limit_batches=1", "trainer.progress=0"],
+            command=[
+                *dlrun,
+                "train",
+                "trainer.epochs=1",
+                "trainer.limit_batches=1",
+                "trainer.progress=false",
+            ],
         ),
     ]
 
@@ -413,6 +420,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row = run_case(case, args.quick, repeats, args.device, matmul)
         results.append(row)
         print(fmt_row(row), flush=True)
+    # On a busy machine one timing of the matmul can come out low: measured again at the end,
+    # the faster of the two is the machine's rate, and the fractions are taken against it.
+    again = matmul_rate(device)
+    if again > matmul:
+        info["matmul_gflops"] = round(again / 1e9, 2)
+        for row in results:
+            if row.get("of_matmul") is not None:
+                row["of_matmul"] *= matmul / again
+        print(f"fp32 matmul measured again: {info['matmul_gflops']} GFLOP/s (the fractions use it)")
     report = {"machine": info, "results": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
