@@ -25,7 +25,9 @@ the faster of the two).
 
 `--quick` (a few steps per case, one repeat) takes under a minute on an idle 2-core CPU;
 `--json FILE` writes {"machine": {...}, "results": [{"name", "dlrun_s", "plain_s", "ratio",
-"spread", "peak_rss_mb", "peak_gpu_mb", ...}]}. Run by hand (`make bench`), never in the test
+"spread", "peak_rss_mb", "peak_gpu_mb", ...}]}: peak_rss_mb is the command's own for start-up
+cases, and this process's during the case for training cases (what earlier cases left allocated
+included). Run by hand (`make bench`), never in the test
 suite's pass/fail.
 """
 
@@ -309,15 +311,18 @@ def command_case(case: Case, repeats: int) -> dict[str, Any]:
     """The command's wall time against `python -c "import torch"`, alternately."""
     assert case.command is not None
     floor = [sys.executable, "-c", "import torch"]
-    ours, plain = [], []
+    ours, plain, peak = [], [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
             # Each run its own directory: a run writes one, and `hydra.run.dir` keeps it out of outputs/.
             command = case.command + ([f"hydra.run.dir={tmp}/{i}"] if "train" in case.command else [])
-            ours.append(wall(command))
-            plain.append(wall(floor))
+            seconds, rss = wall(command)
+            ours.append(seconds)
+            plain.append(wall(floor)[0])
+            peak = max(peak, rss)
     ratios = [a / b for a, b in zip(ours, plain)]
     return {
+        "peak_rss_mb": round(peak, 1),  # the command's, not this process's
         "dlrun_s": statistics.median(ours),
         "plain_s": statistics.median(plain),
         "ratio": statistics.median(ratios),
@@ -325,13 +330,17 @@ def command_case(case: Case, repeats: int) -> dict[str, Any]:
     }
 
 
-def wall(command: list[str]) -> float:
-    """Seconds a command takes; it must succeed."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{proc.stdout}{proc.stderr}")
-    return time.perf_counter() - t0
+def wall(command: list[str]) -> tuple[float, float]:
+    """Seconds a command takes and its peak resident memory in MB; it must succeed."""
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak memory
+        seconds = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            out.seek(0)
+            sys.exit(f"{' '.join(command)} failed:\n{out.read().decode(errors='replace')}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def run_case(case: Case, quick: bool, repeats: int, device: str, matmul: float) -> dict[str, Any]:
@@ -348,7 +357,7 @@ def run_case(case: Case, quick: bool, repeats: int, device: str, matmul: float) 
         achieved = row["flops_per_item"] * row["items_per_s"]
         row["of_matmul"] = achieved / matmul if matmul else None
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"name": case.name, **row, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu}
+    return {"name": case.name, "peak_rss_mb": peak_rss_mb(), **row, "peak_gpu_mb": gpu}
 
 
 def machine(device: Any, matmul: float) -> dict[str, Any]:
