@@ -82,3 +82,14 @@ def test_the_compiled_step_trains_as_the_eager_one_does(tmp_path):
         assert (summary["compile_s"] > 0) == (mode == "true")
         losses[mode] = summary["final"]["valid_loss"]
     assert losses["true"] == pytest.approx(losses["false"], rel=0.05)
+
+
+def test_lr_find_never_takes_a_compiled_step(monkeypatch):
+    from dlrun.learner import prepare
+    from dlrun.lr_find import range_test
+
+    learner = prepare(compose(*TINY, "trainer.compile=true"))
+    learner.compiler.begin(10**6)  # as in the middle of a long compiled run (finetune's unfreeze)
+    monkeypatch.setattr(compiled_step, "build", lambda learner: pytest.fail("compiled during lr-find"))
+    range_test(learner, 1e-7, 1e-3, 8)
+    assert learner.compiler.fn is None and learner.compiler.remaining == 10**6
