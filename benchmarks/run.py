@@ -330,17 +330,25 @@ def command_case(case: Case, repeats: int) -> dict[str, Any]:
     }
 
 
+# Runs a command and reports its seconds and peak memory. A small launcher, because a child
+# forked straight from this process would start its peak-memory count at this process's size.
+LAUNCHER = """import resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.call(sys.argv[1:])
+seconds = time.perf_counter() - t0
+print("@@", seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(rc)"""
+
+
 def wall(command: list[str]) -> tuple[float, float]:
     """Seconds a command takes and its peak resident memory in MB; it must succeed."""
-    with tempfile.TemporaryFile() as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak memory
-        seconds = time.perf_counter() - t0
-        if os.waitstatus_to_exitcode(status) != 0:
-            out.seek(0)
-            sys.exit(f"{' '.join(command)} failed:\n{out.read().decode(errors='replace')}")
-    return seconds, usage.ru_maxrss / 1024
+    proc = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *command], cwd=REPO, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{proc.stdout}{proc.stderr}")
+    _, seconds, kb = proc.stdout.strip().splitlines()[-1].split()
+    return float(seconds), int(kb) / 1024
 
 
 def run_case(case: Case, quick: bool, repeats: int, device: str, matmul: float) -> dict[str, Any]:
