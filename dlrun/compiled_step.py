@@ -35,10 +35,11 @@ log = logging.getLogger("dlrun")
 PROBE = 12  # eager steps timed before deciding (the first two warm up and are not counted)
 CHECK = 12  # compiled steps timed after compiling, to see that they are faster
 # What compiling the whole step costs (seconds) and saves (a fraction of an eager step's time).
-# CPU: 33 s to compile the tabular net's step (Adult), and 18% saved, the best seen (the issue's
-# model-only compile at bs 1024); the whole step compiled was slower than eager there, so the
-# check after compiling matters more than this estimate. No GPU was at hand to measure: the
-# same numbers stand in for CUDA.
+# CPU (Adult's tabular net, README "Speed"): compiling took 10-18 s on the idle 2-core machine
+# and 33-38 s on the busy one; 33 s is the cautious side. At best it saved about a quarter of an
+# eager step (bs 64, idle); 0.18 (the model-only compile at bs 1024) is the cautious side
+# again; at bs 1024 the compiled step was slower, which the check after compiling catches. No
+# GPU was at hand to measure: the same numbers stand in for CUDA.
 COMPILE_S = {"cpu": 33.0, "cuda": 33.0}
 SAVED = {"cpu": 0.18, "cuda": 0.18}
 
