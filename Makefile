@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dlrun tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py --json benchmarks/results.json
+	$(BIN)/python benchmarks/run.py --json outputs/bench.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
