@@ -77,6 +77,7 @@ def test_the_compiled_step_trains_as_the_eager_one_does(tmp_path):
             "model=tabular", "trainer.epochs=2", "trainer.progress=false", f"trainer.compile={mode}"
         )
         learner = prepare(cfg)
+        (tmp_path / mode).mkdir()
         summary = fit(cfg, tmp_path / mode, learner)
         assert summary["status"] == "completed"
         assert (summary["compile_s"] > 0) == (mode == "true")
