@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dlrun hydra_plugins tests benchmarks
 
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+	$(BIN)/python benchmarks/run.py --json outputs/bench.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

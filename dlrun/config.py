@@ -58,7 +58,7 @@ RULES: dict[str, Rule] = {
     "trainer.devices": Int(1),
     "trainer.threads": Int(1, words=("auto",)),
     "trainer.precision": Choice("auto", "32", "bf16", "16"),
-    "trainer.compile": BOOL,
+    "trainer.compile": Rule("bool", words=("auto",)),
     "trainer.grad_clip": Float(0, lo_open=True, nullable=True),
     "trainer.accumulate": Int(1),
     "trainer.early_stop.patience": Int(1, nullable=True),

@@ -74,7 +74,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def embedding_tables(model: Any, cat_names: list[str]) -> dict[str, np.ndarray]:
     """Column name -> its embedding matrix [n_levels, width] (row i is level i)."""
-    return {name: e.weight.detach().cpu().numpy() for name, e in zip(cat_names, model.embeds)}
+    return {name: t.detach().cpu().numpy() for name, t in zip(cat_names, model.embeds.tables())}
 
 
 def write_embeddings(

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from dlrun import distributed
+from dlrun.compiled_step import StepCompiler
 from dlrun.errors import DlrunError
 from dlrun.family import Data, build_data, build_model
 from dlrun.losses import classification_loss
@@ -81,6 +82,7 @@ class Learner:
     forward: Callable[[Any], Any] | None = None  # the model's torch.compile'd version, else the model
     # (wrapped in DistributedDataParallel when the run has several processes)
     evaluate_forward: Callable[[Any], Any] | None = None  # validation's: without DDP (default: forward)
+    compiler: StepCompiler | None = None  # trainer.compile: the whole step compiled, when it pays
     precision: str = "32"
     autocast: Callable[[], Any] = contextlib.nullcontext
     scaler: Any = None  # GradScaler for fp16
@@ -91,8 +93,9 @@ class Learner:
     params: list[torch.Tensor] = field(init=False)  # what gradient clipping sees
 
     def __post_init__(self) -> None:
-        self.forward = self.forward or self.model
-        self.evaluate_forward = self.evaluate_forward or self.forward
+        # `is None`, not `or`: a compiled module's truth value asks the model for len().
+        self.forward = self.forward if self.forward is not None else self.model
+        self.evaluate_forward = self.evaluate_forward if self.evaluate_forward is not None else self.forward
         self.loss = self.loss or self.data.loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -144,7 +147,10 @@ def prepare(cfg: DictConfig) -> Learner:
     optimizer, decay = build_optimizer(cfg, model, device)
     # .get: the run directories saved before these keys existed (dlrun eval) have neither.
     reg, name = cfg.regularization, cfg.data.name
-    forward = torch.compile(model) if cfg.trainer.compile else model
+    forward = torch.compile(model) if cfg.trainer.compile is True else model
+    # Several processes: the model may be compiled (trainer.compile=true), never the whole step,
+    # which has not been tried across processes.
+    whole_step = cfg.trainer.compile if distributed.world().size == 1 else False
     return Learner(
         device=device,
         data=data,
@@ -152,6 +158,7 @@ def prepare(cfg: DictConfig) -> Learner:
         optimizer=optimizer,
         forward=distributed.wrap(forward, device),
         evaluate_forward=forward,
+        compiler=StepCompiler(whole_step, device),
         precision=precision,
         autocast=autocast,
         scaler=scaler,
@@ -200,6 +207,11 @@ def train_step(
     """One batch: its gradient, times `weight` (1/K for one of K accumulated micro-batches),
     added to the parameters' gradients; with `update` (every batch without accumulation), then
     one optimizer step at (lr, momentum). Returns the batch's loss, still on the device."""
+    compiler = learner.compiler
+    if compiler is not None and compiler.eligible(learner, weight, update):
+        loss = compiler.step(learner, x, y, lr, momentum)
+        if loss is not None:
+            return loss
     opt, scaler = learner.optimizer, learner.scaler
     with learner.autocast():
         if learner.mixup is None:

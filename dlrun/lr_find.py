@@ -175,6 +175,8 @@ def range_test(
     learner.model.train()
     learner.reset_state()
     data = learner.data
+    # Eager steps: a range test is too short to repay compiling (trainer.compile), even mid-run.
+    compiler, learner.compiler = learner.compiler, None
     try:
         stream = batches(learner, limit)
         for i in range(num_it):
@@ -197,6 +199,7 @@ def range_test(
             best = min(best, smooth)
     finally:
         snapshot.restore(learner)
+        learner.compiler = compiler
     return {
         "lrs": lrs,
         "losses": losses,

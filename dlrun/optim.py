@@ -157,9 +157,16 @@ def set_hyper(optimizer: torch.optim.Optimizer, lr: float, momentum: float | Non
     """Set the learning rate (times the group's `lr_factor`) and momentum / Adam's beta1, when
     scheduled, of every group."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_factor", 1.0)
+        rate = lr * g.get("lr_factor", 1.0)
+        if isinstance(g["lr"], float | int):
+            g["lr"] = rate
+        else:  # a compiled step's tensor (dlrun.compiled_step): filled in place, no recompiling
+            g["lr"].fill_(rate)
         if momentum is not None:
             if "betas" in g:
-                g["betas"] = (momentum, g["betas"][1])
+                if isinstance(g["betas"][0], float | int):
+                    g["betas"] = (momentum, g["betas"][1])
+                else:
+                    g["betas"][0].fill_(momentum)
             elif g.get("momentum", 0) > 0:
                 g["momentum"] = momentum

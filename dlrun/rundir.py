@@ -242,6 +242,9 @@ def init_from(model: Any, run_dir: str | Path) -> tuple[list[str], list[str]]:
     path = existing_run(run_dir, need=BEST)
     theirs = load_torch(path / BEST)["model"]
     theirs = {k.removeprefix("_orig_mod."): v for k, v in theirs.items()}
+    upgrade = getattr(model, "upgrade_state_dict", None)  # a family whose layout changed
+    if upgrade is not None:
+        theirs = upgrade(theirs)
     ours = model.state_dict()
     loaded = [k for k, v in ours.items() if k in theirs and theirs[k].shape == v.shape]
     if not loaded:

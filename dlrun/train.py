@@ -168,6 +168,8 @@ def fit(
         return finetune.phased(first, second, updates * frozen)
 
     schedule = make_schedule()
+    if learner.compiler is not None:  # trainer.compile=auto weighs the steps left against compiling
+        learner.compiler.begin(updates * epochs - state.step)
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch, write=main)
     if not main:
         loggers = Loggers([])  # one run, one set of loggers: rank 0's
@@ -348,6 +350,7 @@ class Summary:
         wall = self.wall()
         metric_names = [k for k in (rows[-1] if rows else {}) if k not in ("epoch", "lr", "seconds")]
         metrics = self.learner.data.metrics() if self.learner else None
+        compiler = self.learner.compiler if self.learner else None
         summary = {
             "status": status,
             "message": message,
@@ -361,6 +364,7 @@ class Summary:
             "lr": state.lr,
             "lr_unfrozen": state.lr_unfrozen or None,  # finetune: the unfrozen phase's peak rate
             "wall_s": round(wall, 3),
+            "compile_s": round(compiler.compile_s, 3) if compiler else 0.0,  # trainer.compile, in wall_s
             "items_per_s": (
                 state.train_items * distributed.world().size / state.train_seconds
                 if state.train_seconds

@@ -151,7 +151,7 @@ def test_layer_groups_cover_every_parameter_once_head_last():
     flat = [id(p) for g in groups for p in g]
     assert sorted(flat) == sorted(id(p) for p in model.parameters())
     assert [id(p) for p in groups[-1]] == [id(p) for p in model.head.parameters()]
-    assert id(model.embeds[0].weight) in {id(p) for p in groups[0]}
+    assert id(model.embeds.weight) in {id(p) for p in groups[0]}
 
 
 @pytest.mark.parametrize("wd_mode", ["l2", "decoupled"])
@@ -162,21 +162,21 @@ def test_lr_mult_spreads_rates_geometrically_from_first_group_to_head(wd_mode):
     opt, decay = build_optimizer(tabular_config(0.01, wd_mode), model, torch.device("cpu"))
     set_hyper(opt, 0.1, None)
     rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-    assert rate[id(model.embeds[0].weight)] == pytest.approx(0.1 * 0.01)
+    assert rate[id(model.embeds.weight)] == pytest.approx(0.1 * 0.01)
     assert rate[id(model.layers[0].weight)] == pytest.approx(0.1 * 0.1)  # 0.01 ** (1/2)
     assert rate[id(model.head.weight)] == pytest.approx(0.1)
     if decay is not None:  # each group's weights decay at its own rate
-        head, emb = model.head.weight.detach().clone(), model.embeds[0].weight.detach().clone()
+        head, emb = model.head.weight.detach().clone(), model.embeds.weight.detach().clone()
         decay.apply(0.1)
         assert torch.allclose(model.head.weight, head * (1 - 0.1 * 0.5))
-        assert torch.allclose(model.embeds[0].weight, emb * (1 - 0.001 * 0.5))
+        assert torch.allclose(model.embeds.weight, emb * (1 - 0.001 * 0.5))
 
 
 def test_frozen_parameters_are_not_decayed():
     model = tabular_net()
     opt, decay = build_optimizer(tabular_config(0.01), model, torch.device("cpu"))
-    model.embeds[0].weight.requires_grad_(False)
+    model.embeds.weight.requires_grad_(False)
     decay.refresh()
-    before = model.embeds[0].weight.detach().clone()
+    before = model.embeds.weight.detach().clone()
     decay.apply(0.1)
-    assert torch.equal(model.embeds[0].weight, before)
+    assert torch.equal(model.embeds.weight, before)

@@ -330,7 +330,7 @@ def test_embedding_sizes_dropout_and_y_range(tmp_path):
 
     data = build(cfg, CPU)
     model = build_model(cfg, data.facts)
-    widths = [e.embedding_dim for e in model.embeds]
+    widths = model.embeds.widths
     assert widths[0] == 5 and widths[1] == emb_size(data.facts.n_levels[1])
     assert [m.p for m in model.layers if isinstance(m, torch.nn.Dropout)] == [0.1, 0.2]
     x, _ = next(data.valid.epoch(0))
@@ -345,6 +345,47 @@ def test_embedding_sizes_dropout_and_y_range(tmp_path):
 
 
 # --- training and embeddings through the CLI -------------------------------------
+
+
+def test_one_embedding_table_matches_per_column_lookups_and_loads_the_old_layout():
+    from dlrun.models.tabular import TabularNet
+
+    def net() -> TabularNet:
+        return TabularNet(
+            n_levels=[4, 7, 3],
+            emb_szs=[2, 5, 3],
+            n_cont=1,
+            layers=[6],
+            dropout=[0.0],
+            emb_dropout=0.0,
+            n_out=2,
+        )
+
+    torch.manual_seed(0)
+    model = net().eval()
+    tables = model.embeds.tables()
+    assert [tuple(t.shape) for t in tables] == [(4, 2), (7, 5), (3, 3)]
+    cat = torch.tensor([[0, 6, 2], [3, 1, 0], [2, 2, 1]])
+    expected = torch.cat([tables[i][cat[:, i]] for i in range(3)], 1)
+    assert torch.equal(model.embeds(cat), expected)
+    # the padding a narrower column leaves in the one table gets no gradient
+    model.embeds(cat).sum().backward()
+    grad, used = model.embeds.weight.grad, torch.zeros_like(model.embeds.weight, dtype=torch.bool)
+    for start, n, w in zip(model.embeds.starts, [4, 7, 3], [2, 5, 3]):
+        used[start : start + n, :w] = True
+    assert grad[~used].abs().sum() == 0 and grad[used].abs().sum() > 0
+
+    # a state dict saved before the one table (one embeds.N.weight per column) still loads
+    old = {k: v for k, v in model.state_dict().items() if k != "embeds.weight"}
+    old |= {f"embeds.{i}.weight": t.clone() for i, t in enumerate(tables)}
+    other = net().eval()
+    other.load_state_dict(old)
+    x = (cat, torch.randn(3, 1))
+    assert torch.equal(other(x), model(x))
+    assert "embeds.weight" in other.upgrade_state_dict(old)
+    wrong = old | {"embeds.1.weight": torch.zeros(7, 4)}
+    with pytest.raises(RuntimeError, match="embeds"):
+        net().load_state_dict(wrong)
 
 
 def test_penguins_trains_to_high_accuracy_and_embeddings_compare(tmp_path):

@@ -1,8 +1,9 @@
 """The tabular entity-embedding net (Guo & Berkhahn 2016, as taught in the fast.ai course).
 
-Each categorical column gets its own embedding; the embeddings (after dropout) and the
-batch-normalised continuous columns are concatenated and fed through Linear-ReLU-BatchNorm-
-Dropout blocks to a linear head. A regression head can be squashed into `model.y_range`.
+Each categorical column gets its own embedding (all held in one `ColumnEmbeddings` table, so
+a batch takes one lookup); the embeddings (after dropout) and the batch-normalised continuous
+columns are concatenated and fed through Linear-ReLU-BatchNorm-Dropout blocks to a linear
+head. A regression head can be squashed into `model.y_range`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,72 @@ def emb_size(n_levels: int) -> int:
     return min(600, round(1.6 * n_levels**0.56))
 
 
+class ColumnEmbeddings(nn.Module):
+    """One embedding per categorical column, stored as one table so that a batch takes one
+    lookup instead of one per column (on the CPU at batch 64, 13 lookups and their backward
+    cost more than the rest of the net).
+
+    Column i owns rows offsets[i] .. offsets[i] + n_levels[i] of `weight`, a table as wide as
+    the widest column; a narrower column uses its first emb_szs[i] entries and the rest of its
+    rows stay zero (they are never read, so they get no gradient, and weight decay keeps a zero
+    at zero). One lookup gives [batch, columns, max width]; one `index_select` keeps each
+    column's own width, in column order, which is the concatenation the net feeds on.
+    Measured against one table per distinct width and against a flat table indexed per entry
+    (README "Speed"), this is the fastest layout: two kernels forward, two backward.
+
+    A state dict of the earlier layout (one `embeds.N.weight` per column) still loads: the
+    per-column tables are copied into place (`upgrade_state_dict`)."""
+
+    def __init__(self, n_levels: list[int], emb_szs: list[int]):
+        super().__init__()
+        self.n_levels, self.widths = list(n_levels), list(emb_szs)
+        width = max(emb_szs, default=0)
+        self.weight = nn.Parameter(torch.zeros(sum(n_levels), width))
+        starts = [0]
+        for n in n_levels[:-1]:
+            starts.append(starts[-1] + n)
+        self.starts = starts
+        keep = [i * width + j for i, w in enumerate(emb_szs) for j in range(w)]
+        # Derived from the sizes, so not saved: the state dict holds the weights only.
+        self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long), persistent=False)
+        self.register_buffer("keep", torch.tensor(keep, dtype=torch.long), persistent=False)
+        with torch.no_grad():
+            for table in self.tables():
+                # fastai's init: small vectors, so that a fresh embedding does not swamp the
+                # standardised continuous inputs.
+                nn.init.trunc_normal_(table, std=0.01)
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+    def tables(self) -> list[torch.Tensor]:
+        """Column i's embedding matrix [n_levels[i], emb_szs[i]] (a view into `weight`)."""
+        return [self.weight[s : s + n, :w] for s, n, w in zip(self.starts, self.n_levels, self.widths)]
+
+    def forward(self, cat: torch.Tensor) -> torch.Tensor:
+        """Category codes [batch, columns] -> the columns' embeddings side by side [batch, sum(widths)]."""
+        rows = nn.functional.embedding(cat + self.offsets, self.weight)
+        return rows.flatten(1).index_select(1, self.keep)
+
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Turn the per-column layout (`{prefix}N.weight`) of runs saved before the one table
+        into `{prefix}weight`, in place; a state dict in the new layout is left as it is."""
+        old = [f"{prefix}{i}.weight" for i in range(len(self))]
+        if f"{prefix}weight" in state or not old or old[0] not in state:
+            return
+        weight = torch.zeros_like(self.weight)
+        for key, s, n, w in zip(old, self.starts, self.n_levels, self.widths):
+            table = state.pop(key, None)
+            if table is None or tuple(table.shape) != (n, w):
+                return  # not this net's columns: load_state_dict names the mismatch
+            weight[s : s + n, :w] = table
+        state[f"{prefix}weight"] = weight
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.upgrade_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class TabularNet(nn.Module):
     """Embeddings + continuous inputs -> [Linear, ReLU, BatchNorm, Dropout] * len(layers) -> Linear."""
 
@@ -48,11 +115,7 @@ class TabularNet(nn.Module):
         y_range: tuple[float, float] | None = None,
     ):
         super().__init__()
-        self.embeds = nn.ModuleList(nn.Embedding(n, s) for n, s in zip(n_levels, emb_szs))
-        for e in self.embeds:
-            # fastai's init: small vectors, so that a fresh embedding does not swamp the
-            # standardised continuous inputs.
-            nn.init.trunc_normal_(e.weight, std=0.01)
+        self.embeds = ColumnEmbeddings(n_levels, emb_szs)
         self.emb_drop = nn.Dropout(emb_dropout)
         self.bn_cont = nn.BatchNorm1d(n_cont) if n_cont else None
         blocks: list[nn.Module] = []
@@ -72,7 +135,7 @@ class TabularNet(nn.Module):
         cat, cont = x
         parts = []
         if len(self.embeds):
-            emb = torch.cat([e(cat[:, i]) for i, e in enumerate(self.embeds)], 1)
+            emb = self.embeds(cat)
             parts.append(self.emb_drop(emb if mix is None else blend(emb, *mix)))
         if self.bn_cont is not None:
             parts.append(self.bn_cont(cont if mix is None else blend(cont, *mix)))
@@ -81,6 +144,13 @@ class TabularNet(nn.Module):
             lo, hi = self.y_range
             out = lo + (hi - lo) * torch.sigmoid(out)
         return out
+
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A copy of `state` with an earlier run's per-column embeddings in today's layout
+        (`model.init_from` matches tensors by name, so it converts first)."""
+        state = dict(state)
+        self.embeds.upgrade_state_dict(state, "embeds.")
+        return state
 
 
 def embedding_sizes(facts: TableFacts, overrides: dict[str, int]) -> list[int]:
