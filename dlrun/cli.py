@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dlrun.errors import DlrunError, first_line
+from dlrun.overrides import hydra_quote, override_value
 
 # command -> (primary config, one-line help); these run through Hydra.
 HYDRA_COMMANDS = {
@@ -596,16 +597,6 @@ def override_key(line: str) -> str:
     return line.lstrip("~+").split("=", 1)[0].split("@", 1)[0]
 
 
-def override_value(line: str) -> Any:
-    """The value of one override as Hydra reads it (a quoted path comes back unquoted)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        return OverridesParser.create().parse_overrides([line])[0].value()
-    except Exception as e:  # noqa: BLE001
-        raise DlrunError(f"cannot read the override {line}: {first_line(e)}") from None
-
-
 def warn(message: str) -> None:
     """One line on stderr; the run goes on."""
     print(f"warning: {message}", file=sys.stderr)
@@ -621,7 +612,6 @@ VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "
 # Hydra runs one of these per command (its own check ends in a traceback).
 MODES = {"-m": "-m", "--multirun": "-m", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info", "-i": "--info"}
 # Values Hydra reads as they are; anything else in a path value is quoted for it.
-PLAIN = re.compile(r"[A-Za-z0-9_/.+@%:-]+")
 SWEEP_FUNCTION = re.compile(r"(choice|range|interval|glob|tag|sort|shuffle)\(")
 
 
@@ -664,17 +654,6 @@ def split_sweep(value: str) -> list[str]:
             parts.append(value[start:i])
             start = i + 1
     return parts + [value[start:]]
-
-
-def hydra_quote(value: str) -> str:
-    """A string as a Hydra override value that reads back as exactly that string. Inside
-    single quotes only a quote, and backslashes before a quote or at the end, are escaped;
-    `${...}` still interpolates, as Hydra's own `hydra.run.dir` default does."""
-    if PLAIN.fullmatch(value) and isinstance(override_value(f"k={value}"), str):
-        return value
-    escaped = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
-    escaped = re.sub(r"(\\+)$", lambda m: m[1] * 2, escaped)
-    return f"'{escaped}'"
 
 
 # --- checking overrides before Hydra runs anything ---------------------------------

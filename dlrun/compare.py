@@ -17,15 +17,14 @@ def label(record: dict[str, Any], swept: list[str]) -> str:
     return values or record["run"]
 
 
-def plot_curves(root: Path, records: list[dict[str, Any]], metric: str | None, path: Path) -> None:
+def plot_curves(
+    root: Path, records: list[dict[str, Any]], swept: list[str], metric: str | None, path: Path
+) -> None:
     """`metric` (default: the runs' monitored metric) against the epoch, one line per run of
-    `records` (as `runs.collect(root)` returns them, best first)."""
-    from dlrun.runs import swept_keys
-
+    `records` (as `runs.collect(root)` returns them, best first), labelled by the `swept` keys."""
     if metric is None:
         monitored = [r["monitor"] for r in records if r["value"] == r["value"]]
         metric = monitored[0] if monitored else "valid_loss"
-    swept = swept_keys(records) if len(records) > 1 else []
     curves, seen = [], set()
     for record in records:
         rows = rundir.read_metrics(root / record["run"])

@@ -196,5 +196,6 @@ def main(argv: list[str]) -> None:
         from dlrun.compare import plot_curves
 
         path = Path(args.plot) if args.plot else root / "curves.png"
-        plot_curves(root, records, args.metric, path)
+        swept = swept_keys(records) if len(records) > 1 else []
+        plot_curves(root, records, swept, args.metric, path)
         report.console.print(f"curves: {path}")

@@ -114,7 +114,7 @@ def distribution(optuna: Any, key: str, override: Any) -> Any:
 
 def overrides_of(params: Mapping[str, Any]) -> list[str]:
     """A trial's parameters as the overrides of its job."""
-    from dlrun.cli import hydra_quote
+    from dlrun.overrides import hydra_quote
 
     def value(v: Any) -> str:
         if v is None:
