@@ -387,3 +387,17 @@ def test_an_optuna_search_killed_after_3_trials_resumes_to_6(tmp_path):
     assert (sweep / "optuna_history.png").is_file() and (sweep / "optuna_importance.png").is_file()
     again = dlrun("runs", str(sweep))
     assert again.returncode == 0 and "6 runs" in again.stdout
+
+
+def test_a_damaged_study_file_is_a_user_error_that_keeps_the_file(tmp_path):
+    """A sweep directory whose optuna.db is not a database (a truncated copy, another file):
+    one line with the way out, exit 2, and the file left as it was."""
+    root = tmp_path / "swé ep"
+    root.mkdir()
+    (root / "optuna.db").write_text("not a database")
+    proc = dlrun(
+        "train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+        "optimizer.lr=tag(log, interval(1e-3, 1e-2))", *FAST, f"hydra.sweep.dir={root}",
+    )  # fmt: skip
+    assert_user_error(proc, "cannot open the Optuna storage", "move a damaged study file away")
+    assert (root / "optuna.db").read_text() == "not a database"

@@ -52,6 +52,16 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
+        """Hydra reports what a sweeper raises as a traceback with exit code 1: a user error
+        found here (a damaged study, a study of the other direction) leaves as exit code 2 and
+        one line instead, past Hydra, and the CLI still ends the sweep with its summary."""
+        from dlrun.cli import user_errors
+
+        with user_errors():
+            return self.search(arguments)
+
+    def search(self, arguments: list[str]) -> Any:
+        """Ask, launch a batch, tell, until the study has its n_trials."""
         from dlrun import report, search, sweep
 
         assert self.config is not None
@@ -137,15 +147,22 @@ class OptunaSweeper(Sweeper):
 
     def existing_study(self, optuna: Any, storage: str) -> Any:
         """The study to continue, or None when this is its first run."""
+        from dlrun.errors import DlrunError, first_line
+
         s = self.settings
-        names = optuna.get_all_study_names(storage=storage)
+        try:
+            names = optuna.get_all_study_names(storage=storage)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors: a damaged file, a bad URL
+            raise DlrunError(
+                f"cannot open the Optuna storage {storage} ({first_line(e)}): move a damaged study "
+                "file away to start the search afresh (the jobs' directories stay), or give another "
+                "hydra.sweeper.storage or hydra.sweep.dir"
+            ) from None
         if s.study_name not in names:
             return None
         study = optuna.load_study(study_name=s.study_name, storage=storage)
         wanted = s.direction or study.direction.name.lower()
         if study.direction.name.lower() != wanted:
-            from dlrun.errors import DlrunError
-
             raise DlrunError(
                 f"study {s.study_name!r} in {storage} was created to {study.direction.name.lower()}, "
                 f"not to {s.direction}: give another hydra.sweeper.study_name or hydra.sweep.dir"
