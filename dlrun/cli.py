@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dlrun import distributed  # light: torch is imported where a process group starts
 from dlrun.errors import DlrunError, first_line
 from dlrun.overrides import hydra_quote, override_value
 
@@ -192,8 +193,6 @@ def run_hydra(command: str, args: list[str]) -> int:
                 output.release()
                 raise
             args = args + output.overrides
-            from dlrun import distributed
-
             ends_here = True  # trainer.devices launched the ranks, or is a user error
             try:
                 devices = distributed.devices_to_launch(output.config, output.sweep)
@@ -222,8 +221,6 @@ def run_hydra(command: str, args: list[str]) -> int:
         raise
     finally:
         output.release()
-        from dlrun import distributed
-
         distributed.finish()
     return end_sweep(output, stopped=False) if output.sweep else 0
 
@@ -274,8 +271,6 @@ def claim_output(config_name: str, args: list[str]) -> Output:
             raise DlrunError(first_line(e)) from e
     sweep = bool(parsed_args.multirun) or cfg.hydra.mode == RunMode.MULTIRUN
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    from dlrun import distributed
-
     # Under torchrun every rank runs this: the process group starts first, then rank 0 claims.
     distributed.check_config(cfg, sweep, config_name.replace("_", "-"))
     distributed.start(cfg)
@@ -409,8 +404,6 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
         with user_errors():
             try:
                 validate(cfg)
-                from dlrun import distributed
-
                 # A submitit job of several tasks (joined above) is one DDP run that starts here;
                 # under torchrun the ranks started before the run directory was claimed.
                 distributed.check_config(cfg, sweep=False, command=command)
@@ -419,9 +412,7 @@ def make_task(command: str, swept: list[str] | None = None) -> Any:
                 module = importlib.import_module("dlrun.train" if command == "train" else "dlrun.lr_find")
                 return module.main(cfg, run_dir)
             except BaseException as e:
-                from dlrun.distributed import world
-
-                if not world().main:
+                if not distributed.world().main:
                     raise  # rank 0 records how the run ended
                 status = record_end(run_dir, started, e)
                 if not (in_sweep and isinstance(e, Exception)):

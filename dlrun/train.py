@@ -129,7 +129,9 @@ def fit(
     updates = math.ceil(steps / accumulate)  # optimizer steps per epoch
     monitored = data.metrics()  # which metric early stopping watches, and which way is better
     epochs, frozen = finetune.total_epochs(cfg), finetune.freeze_epochs(cfg)
-    loggers = open_loggers(cfg)  # before any work: a logger whose package is missing is a user error
+    main = distributed.world().main  # with several processes, rank 0 alone writes the run directory
+    ranks = distributed.world().size  # items/s counts every rank's items
+    loggers = open_loggers(cfg) if main else Loggers([])  # one run, one set of loggers: rank 0's
     found = None  # the lr finder's result, with optimizer.lr=find
     if cfg.resume:
         state = load_checkpoint(run_dir / rundir.CHECKPOINT, learner)
@@ -150,8 +152,6 @@ def fit(
         state = RunState(lr=found["lr"] if found else float(cfg.optimizer.lr))
     if learner.decay is not None:
         learner.decay.refresh()
-    main = distributed.world().main  # with several processes, rank 0 alone writes the run directory
-    ranks = distributed.world().size  # items/s counts every rank's items
     if main:
         for path in rundir.remove_partial_writes(run_dir):
             log.info("removed %s, a partial write of a killed run", path.name)
@@ -171,8 +171,6 @@ def fit(
     if learner.compiler is not None:  # trainer.compile=auto weighs the steps left against compiling
         learner.compiler.begin(updates * epochs - state.step)
     metrics_log = rundir.MetricsLog(run_dir / rundir.METRICS, keep_epochs=state.epoch, write=main)
-    if not main:
-        loggers = Loggers([])  # one run, one set of loggers: rank 0's
     summary = Summary(run_dir, learner, started, state, loggers, write=main)
     loggers.start(Run(cfg, run_dir, state.epoch * steps + state.batch, bool(cfg.resume), str(learner.device)))
     if found:
