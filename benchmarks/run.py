@@ -179,6 +179,20 @@ def compose(overrides: list[str]) -> Any:
     return cfg
 
 
+def stock_dropout(model: Any) -> Any:
+    """The model with torch's own `nn.Dropout` where dlrun's builder put its CPU-fast one (the
+    plain loop is what a hand-written script would train)."""
+    from torch import nn
+
+    from dlrun.models.dropout import Dropout
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+    return model
+
+
 def plain_epochs(cfg: Any, learner: Any, model: Any, opt: Any, epochs: int, steps: int) -> tuple[float, int]:
     """The shortest loop that does the job, over dlrun's batches: training seconds and items of
     the epochs after the first."""
@@ -246,7 +260,7 @@ def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[st
     data = learner.data
     steps = steps or len(data.train)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.facts).to(learner.device)
+    model = stock_dropout(build_model(cfg, data.facts)).to(learner.device)
     fast = {"fused": True} if learner.device.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(cfg.optimizer.lr), weight_decay=float(cfg.regularization.wd), **fast

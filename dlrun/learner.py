@@ -32,7 +32,7 @@ from dlrun.errors import DlrunError
 from dlrun.family import Data, build_data, build_model
 from dlrun.losses import classification_loss
 from dlrun.mixup import Mixup
-from dlrun.optim import DecoupledDecay, build_optimizer, set_hyper
+from dlrun.optim import DecoupledDecay, FusedStep, build_optimizer, set_hyper
 
 log = logging.getLogger("dlrun")
 
@@ -83,6 +83,7 @@ class Learner:
     # (wrapped in DistributedDataParallel when the run has several processes)
     evaluate_forward: Callable[[Any], Any] | None = None  # validation's: without DDP (default: forward)
     compiler: StepCompiler | None = None  # trainer.compile: the whole step compiled, when it pays
+    fused_step: FusedStep | None = None  # optimizer.step() without torch.optim's per-step bookkeeping
     precision: str = "32"
     autocast: Callable[[], Any] = contextlib.nullcontext
     scaler: Any = None  # GradScaler for fp16
@@ -159,6 +160,7 @@ def prepare(cfg: DictConfig) -> Learner:
         forward=distributed.wrap(forward, device),
         evaluate_forward=forward,
         compiler=StepCompiler(whole_step, device),
+        fused_step=FusedStep(optimizer) if FusedStep.usable(optimizer) else None,
         precision=precision,
         autocast=autocast,
         scaler=scaler,
@@ -235,6 +237,8 @@ def train_step(
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
+    elif learner.fused_step is not None:
+        learner.fused_step.step()
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)

@@ -69,16 +69,22 @@ def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(a, b))
 
 
+# The references use torch's fused kernels, as dlrun does on the CPU: the first Linear's bias
+# sits before a BatchNorm, so its gradient is rounding noise around zero, which Adam scales up
+# to whole steps; the for-loop and fused kernels round that noise differently.
+FUSED = {"fused": True}
+
+
 def test_decoupled_adam_matches_adamw_step_for_step():
     for name in ("adam", "adamw"):
         ours = dlrun_steps(config(name, "decoupled"))
-        ref = torch_steps(lambda g: torch.optim.AdamW(g, lr=0.01, betas=(0.9, 0.99), eps=1e-8))
+        ref = torch_steps(lambda g: torch.optim.AdamW(g, lr=0.01, betas=(0.9, 0.99), eps=1e-8, **FUSED))
         assert close(ours, ref)
 
 
 def test_l2_adam_matches_adam_with_weight_decay():
     ours = dlrun_steps(config("adam", "l2"))
-    ref = torch_steps(lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.99), eps=1e-8))
+    ref = torch_steps(lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.9, 0.99), eps=1e-8, **FUSED))
     assert close(ours, ref)
 
 
@@ -180,3 +186,62 @@ def test_frozen_parameters_are_not_decayed():
     before = model.embeds.weight.detach().clone()
     decay.apply(0.1)
     assert torch.equal(model.embeds.weight, before)
+
+
+@pytest.mark.parametrize(
+    ("name", "wd_mode", "momentum"),
+    [("adam", "l2", 0.9), ("adamw", "decoupled", 0.9), ("sgd", "l2", 0.9), ("sgd", "l2", 0.0)],
+)
+def test_the_fused_step_moves_every_tensor_exactly_as_the_optimizers_own_step(name, wd_mode, momentum):
+    """FusedStep calls torch's fused kernel itself: bit for bit torch.optim's step, through
+    scheduled hyperparameters, freezing, unfreezing and a state loaded mid-run."""
+    from dlrun.optim import FusedStep, set_hyper
+
+    cfg = config(name, wd_mode, momentum=momentum)
+    models = [make_model(), make_model()]
+    built = [build_optimizer(cfg, m, torch.device("cpu")) for m in models]
+    (ours, decay_a), (theirs, decay_b) = built
+    assert all(g["fused"] for g in ours.param_groups)
+    assert FusedStep.usable(ours)
+    fused = FusedStep(ours)
+    own_steps = []
+    step = ours.step
+    ours.step = lambda: (own_steps.append(i), step())[1]  # count the optimizer's own steps
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g), torch.randn(16, 1, generator=g)
+    for i in range(12):
+        if i in (3, 6):  # freeze the first layer, then unfreeze it
+            for model, decay in ((m, d) for m, (_, d) in zip(models, built)):
+                model[0].weight.requires_grad_(i == 6)
+                if decay is not None:
+                    decay.refresh()
+        if i == 9:  # resume: the state is replaced by a loaded one
+            ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+        lr, beta = 0.01 * (1 + i) / 12, 0.95 - 0.01 * i
+        for model, (opt, decay), take in ((models[0], built[0], fused.step), (models[1], built[1], None)):
+            nn.functional.mse_loss(model(x), y).backward()
+            set_hyper(opt, lr, beta if momentum else None)
+            if decay is not None:
+                decay.apply(lr)
+            (take or opt.step)()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    for sa, sb in zip(ours.state.values(), theirs.state.values()):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # torch's own step ran where the tensor lists had to be taken: the first step, after
+    # freezing, after unfreezing and after loading; every other step was the fused kernel's.
+    assert own_steps == [0, 3, 6, 9]
+
+
+def test_optimizers_are_fused_on_the_cpu_and_the_fused_step_steps_aside_for_what_it_does_not_do():
+    from dlrun.optim import FusedStep
+
+    model = make_model()
+    opt, _ = build_optimizer(config("adamw", "decoupled"), model, torch.device("cpu"))
+    assert all(g["fused"] for g in opt.param_groups)
+    assert not FusedStep.usable(torch.optim.Adam(model.parameters(), amsgrad=True, fused=True))
+    assert not FusedStep.usable(torch.optim.Adam(model.parameters(), foreach=True))
+    assert not FusedStep.usable(torch.optim.RMSprop(model.parameters()))
+    opt.register_step_pre_hook(lambda *a: None)
+    assert not FusedStep.usable(opt)  # a hook only torch.optim's step would call

@@ -9,6 +9,7 @@ from torch import nn
 
 from dlrun.data.images import ImageFacts
 from dlrun.family import dropout
+from dlrun.models.dropout import Dropout
 from dlrun.rules import BOOL, Int
 
 RULES = {
@@ -83,7 +84,7 @@ class CNN(nn.Module):
         # A pooling that changes nothing still costs a tenth of a step on the CPU.
         pool = nn.AdaptiveAvgPool2d(pooled) if pooled != size else nn.Identity()
         self.head = nn.Sequential(
-            pool, nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * pooled[0] * pooled[1], n_classes)
+            pool, nn.Flatten(), Dropout(dropout), nn.Linear(c * pooled[0] * pooled[1], n_classes)
         )
 
     def forward(self, x):

@@ -20,6 +20,7 @@ from torch import nn
 
 from dlrun.errors import DlrunError
 from dlrun.family import dropout
+from dlrun.models.dropout import Dropout
 from dlrun.rules import BOOL, Choice, Rule
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def build(cfg: "DictConfig", facts: "ImageFacts") -> nn.Module:
     model.conv1 = fit_stem(model.conv1, in_channels, small=image_size < SMALL_INPUT)
     if image_size < SMALL_INPUT:
         model.maxpool = nn.Identity()
-    model.fc = nn.Sequential(nn.Dropout(p), nn.Linear(model.fc.in_features, n_classes))
+    model.fc = nn.Sequential(Dropout(p), nn.Linear(model.fc.in_features, n_classes))
     return model
 
 

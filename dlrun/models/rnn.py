@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from dlrun.data.text import TextFacts
 from dlrun.family import dropout
+from dlrun.models.dropout import drop, keep_mask
 from dlrun.rules import BOOL, PROB, Choice, Float, Int
 
 RULES = {
@@ -49,8 +50,7 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout of x [B, T, C] with one mask per sequence, the same at every time step."""
     if not training or p == 0:
         return x
-    mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - p) / (1 - p)
-    return x * mask
+    return x * keep_mask((x.shape[0], 1, x.shape[2]), p, x)
 
 
 def detach(state: Any) -> Any:
@@ -79,7 +79,7 @@ class CudnnLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         if self.training and self.weight_p > 0:
-            w = F.dropout(self.rnn.weight_hh_l0, self.weight_p)
+            w = drop(self.rnn.weight_hh_l0, self.weight_p, True)
             return functional_call(self.rnn, {"weight_hh_l0": w}, (x, state))
         return self.rnn(x, state)
 
@@ -146,7 +146,7 @@ class QRNNLayer(nn.Module):
         inp = torch.cat([seq[:, k : k + t] for k in range(self.window)], dim=-1)
         weight = self.gates.weight
         if self.training and self.weight_p > 0:
-            weight = F.dropout(weight, self.weight_p)
+            weight = drop(weight, self.weight_p, True)
         z, f, o = F.linear(inp, weight, self.gates.bias).chunk(3, dim=-1)
         c = forget_mult(torch.sigmoid(f), torch.tanh(z), c0)
         h = torch.sigmoid(o) * c
@@ -214,7 +214,7 @@ class RNNLanguageModel(nn.Module):
         weight, p = self.encoder.weight, self.drops["embed"]
         if self.training and p > 0:
             # Drop whole words: every occurrence of a dropped token is zero in this batch.
-            weight = weight * weight.new_empty(weight.shape[0], 1).bernoulli_(1 - p) / (1 - p)
+            weight = weight * keep_mask((weight.shape[0], 1), p, weight)
         return F.embedding(x, weight)
 
     def forward(self, x: torch.Tensor) -> Any:

@@ -18,6 +18,7 @@ from dlrun.data.tabular import TableFacts
 from dlrun.errors import DlrunError
 from dlrun.family import dropout
 from dlrun.mixup import blend
+from dlrun.models.dropout import Dropout
 from dlrun.rules import PROB, Float, Int
 
 RULES = {
@@ -78,8 +79,10 @@ class ColumnEmbeddings(nn.Module):
 
     def forward(self, cat: torch.Tensor) -> torch.Tensor:
         """Category codes [batch, columns] -> the columns' embeddings side by side [batch, sum(widths)]."""
-        rows = nn.functional.embedding(cat + self.offsets, self.weight)
-        return rows.flatten(1).index_select(1, self.keep)
+        # index_select, not nn.functional.embedding: the same rows, and a backward (index_add)
+        # about a quarter cheaper than embedding's on the CPU.
+        rows = self.weight.index_select(0, (cat + self.offsets).view(-1))
+        return rows.view(cat.shape[0], -1).index_select(1, self.keep)
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         """Turn the per-column layout (`{prefix}N.weight`) of runs saved before the one table
@@ -116,12 +119,12 @@ class TabularNet(nn.Module):
     ):
         super().__init__()
         self.embeds = ColumnEmbeddings(n_levels, emb_szs)
-        self.emb_drop = nn.Dropout(emb_dropout)
+        self.emb_drop = Dropout(emb_dropout)
         self.bn_cont = nn.BatchNorm1d(n_cont) if n_cont else None
         blocks: list[nn.Module] = []
         n_in = sum(emb_szs) + n_cont
         for width, p in zip(layers, dropout):
-            blocks += [nn.Linear(n_in, width), nn.ReLU(inplace=True), nn.BatchNorm1d(width), nn.Dropout(p)]
+            blocks += [nn.Linear(n_in, width), nn.ReLU(inplace=True), nn.BatchNorm1d(width), Dropout(p)]
             n_in = width
         self.layers = nn.Sequential(*blocks)
         self.head = nn.Linear(n_in, n_out)

@@ -22,6 +22,7 @@ from torch import nn
 from dlrun.data.text import TextFacts
 from dlrun.errors import DlrunError
 from dlrun.family import dropout
+from dlrun.models.dropout import Dropout
 from dlrun.rules import BOOL, Int
 
 RULES = {
@@ -42,7 +43,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout = n_head, dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # all heads' q, k, v in one product
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
@@ -62,7 +63,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
         self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(F.gelu(self.fc(x))))
@@ -104,7 +105,7 @@ class TransformerLanguageModel(nn.Module):
         self.context = context
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(context, n_embd)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, bias, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.decoder = nn.Linear(n_embd, vocab_size, bias=bias)
