@@ -2,7 +2,7 @@
 same model, data and batch size, in the same process, interleaved, repeated; median and spread.
 
     .venv/bin/python benchmarks/run.py [--quick] [--json FILE] [--only NAME ...] [--repeats N]
-                                       [--device auto|cpu|cuda] [--threads N]
+                                       [--device auto|cpu|cuda] [--threads N] [--no-rivals]
 
 Cases: the CNN on digits and on MNIST (../shared/data/mnist), the tabular net on UCI Adult
 (../shared/data/adult) at batch 64 and 1024, the LSTM and QRNN language models, the Transformer
@@ -15,7 +15,11 @@ Training cases time training seconds only (dlrun's metrics.csv `seconds`, the sa
 the plain loop's epochs), epochs after the first (warm-up), and the plain loop trains the same
 model built by the same builder with AdamW (foreach/fused, as dlrun picks) and the same
 gradient clipping, without schedule or logging. `ratio` is dlrun / plain (above 1: dlrun is
-slower); `spread` is (max - min) / median of the per-repeat ratios.
+slower); `spread` is (max - min) / median of the per-repeat ratios. Where fastai or Lightning
+is importable (not a dlrun dependency: a scratch environment), a training case also times them
+doing the same work in the same alternation (benchmarks/rivals.py; `--no-rivals`: not), as
+`fastai_s`, `lightning_s` (and `fastai_tabular_s`, fastai's own tabular_learner, for Adult)
+for dlrun's items, and `<name>_ratio`, rival / dlrun per repeat, median.
 
 Distance to the limit: each training case's model FLOPs per item (forward + backward of one
 batch under torch.utils.flop_counter.FlopCounterMode, which counts matrix products and
@@ -222,8 +226,10 @@ def dlrun_epochs(cfg: Any, learner: Any) -> tuple[float, float]:
     return sum(r["seconds"] for r in kept), float(summary.get("compile_s") or 0.0)
 
 
-def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[str, Any]:
-    """dlrun's loop and the plain loop, alternately, `repeats` times."""
+def training_case(case: Case, quick: bool, repeats: int, device: str, rivals: bool = True) -> dict[str, Any]:
+    """dlrun's loop and the plain loop, alternately, `repeats` times; with `rivals`, fastai's and
+    Lightning's too where they are importable (benchmarks/rivals.py)."""
+    import rivals as rival_libs
     import torch
 
     from dlrun.family import build_model
@@ -254,6 +260,8 @@ def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[st
     x, y = next(iter(data.train.epoch(0)))
     flops = flops_per_item(model, data.loss, x, y, data.count(y))
     ours, plain, ratios, compile_s, rate = [], [], [], 0.0, 0.0
+    runners = rival_libs.runners(cfg, learner, steps) if rivals and not case.lr_find else {}
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):  # alternate, so a busy spell of the machine hits both
         if case.lr_find:
             a = lr_find_seconds(learner)
@@ -263,6 +271,8 @@ def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[st
             a, compile_s = dlrun_epochs(cfg, learner)
             b, items = plain_epochs(cfg, learner, model, opt, epochs, steps)  # the same batches
             rate = items / a if a else 0.0
+            for name, rival in runners.items():
+                times[name].append(rival(cfg, learner, epochs, steps).per(items))
         ours.append(a)
         plain.append(b)
         ratios.append(a / b)
@@ -275,6 +285,7 @@ def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[st
         "items_per_s": rate,
         "flops_per_item": flops,
         "device": str(learner.device),
+        **rival_libs.columns(times, ours),
     }
 
 
@@ -351,7 +362,9 @@ def wall(command: list[str]) -> tuple[float, float]:
     return float(seconds), int(kb) / 1024
 
 
-def run_case(case: Case, quick: bool, repeats: int, device: str, matmul: float) -> dict[str, Any]:
+def run_case(
+    case: Case, quick: bool, repeats: int, device: str, matmul: float, rivals: bool = True
+) -> dict[str, Any]:
     """One case's result row (RESULT_KEYS, plus what the case adds)."""
     import torch
 
@@ -361,7 +374,7 @@ def run_case(case: Case, quick: bool, repeats: int, device: str, matmul: float) 
     if case.command is not None:
         row = command_case(case, repeats)
     else:
-        row = training_case(case, quick, repeats, device)
+        row = training_case(case, quick, repeats, device, rivals)
         achieved = row["flops_per_item"] * row["items_per_s"]
         row["of_matmul"] = achieved / matmul if matmul else None
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -388,10 +401,15 @@ def machine(device: Any, matmul: float) -> dict[str, Any]:
 
 
 def fmt_row(r: dict[str, Any]) -> str:
+    from rivals import LIBRARIES
+
     frac = r.get("of_matmul")
     extra = f"{frac:9.2%}" if frac is not None else f"{'':9}"
     if r.get("compile_s"):
         extra += f"  compile {r['compile_s']:.1f} s"
+    for name in LIBRARIES:
+        if f"{name}_s" in r:
+            extra += f"  {name} {r[f'{name}_s']:.3f} s x{r[f'{name}_ratio']:.2f}"
     return (
         f"{r['name']:<22} {r['dlrun_s']:9.3f} {r['plain_s']:9.3f} {r['ratio']:6.2f} {r['spread']:7.1%} "
         f"{r['peak_rss_mb']:8.0f} {extra}"
@@ -406,6 +424,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=None, help="alternations (default 3, quick 1)")
     parser.add_argument("--device", default="auto", help="trainer.device for the training cases")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--rivals",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time fastai and Lightning on the training cases, where they are importable",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -434,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if why:
             print(f"{case.name:<22} skipped: {why}")
             continue
-        row = run_case(case, args.quick, repeats, args.device, matmul)
+        row = run_case(case, args.quick, repeats, args.device, matmul, args.rivals)
         results.append(row)
         print(fmt_row(row), flush=True)
     # On a busy machine one timing of the matmul can come out low: measured again at the end,
