@@ -67,15 +67,19 @@ class Clock:
         self.epochs: list[tuple[float, int]] = []
 
     def start(self) -> None:
+        """An epoch's training begins."""
         self.t0, self.n = self.now(), 0
 
     def batch(self, y: Any) -> None:
+        """A batch with targets `y` was trained on."""
         self.n += self.count(y)
 
     def stop(self) -> None:
+        """The epoch's training ended."""
         self.epochs.append((self.now() - self.t0, self.n))
 
     def now(self) -> float:
+        """The clock, once the device has done what was queued."""
         import torch
 
         if self.device.type == "cuda":
@@ -83,6 +87,7 @@ class Clock:
         return time.perf_counter()
 
     def timed(self, model: Any, accuracy: float | None = None) -> Timed:
+        """The run: the epochs after the first (the only one, if one)."""
         kept = self.epochs[1:] if len(self.epochs) > 1 else self.epochs
         return Timed(sum(s for s, _ in kept), sum(n for _, n in kept), model, accuracy)
 
