@@ -2,7 +2,7 @@
 same model, data and batch size, in the same process, interleaved, repeated; median and spread.
 
     .venv/bin/python benchmarks/run.py [--quick] [--json FILE] [--only NAME ...] [--repeats N]
-                                       [--device auto|cpu|cuda] [--threads N]
+                                       [--device auto|cpu|cuda] [--threads N] [--no-rivals]
 
 Cases: the CNN on digits and on MNIST (../shared/data/mnist), the tabular net on UCI Adult
 (../shared/data/adult) at batch 64 and 1024, the LSTM and QRNN language models, the Transformer
@@ -18,7 +18,11 @@ accuracy reached. The plain loop trains the same model built by the same builder
 `nn.Dropout` where dlrun's builder puts its own, with torch.optim.AdamW (fused on CUDA,
 foreach elsewhere: faster than torch's default for-loop on the CPU) and the same gradient
 clipping, without schedule or logging. `ratio` is dlrun / plain (above 1: dlrun is
-slower); `spread` is (max - min) / median of the per-repeat ratios.
+slower); `spread` is (max - min) / median of the per-repeat ratios. Where fastai or Lightning
+is importable (not a dlrun dependency: a scratch environment), a training case also times them
+doing the same work in the same alternation (benchmarks/rivals.py; `--no-rivals`: not), as
+`fastai_s`, `lightning_s` (and `fastai_tabular_s`, fastai's own tabular_learner, for Adult)
+for dlrun's items, and `<name>_ratio`, rival / dlrun per repeat, median.
 
 Distance to the limit: each training case's model FLOPs per item (forward + backward of one
 batch under torch.utils.flop_counter.FlopCounterMode, which counts matrix products and
@@ -246,8 +250,10 @@ def dlrun_epochs(cfg: Any, learner: Any, warmup: bool = True) -> tuple[float, fl
     return sum(r["seconds"] for r in kept), float(summary.get("compile_s") or 0.0), rows[-1]
 
 
-def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[str, Any]:
-    """dlrun's loop and the plain loop, alternately, `repeats` times."""
+def training_case(case: Case, quick: bool, repeats: int, device: str, rivals: bool = True) -> dict[str, Any]:
+    """dlrun's loop and the plain loop, alternately, `repeats` times; with `rivals`, fastai's and
+    Lightning's too where they are importable (benchmarks/rivals.py)."""
+    import rivals as rival_libs
     import torch
 
     from dlrun.family import build_model
@@ -266,19 +272,29 @@ def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[st
     if steps is not None:
         overrides.append(f"trainer.limit_batches={steps}")
     cfg = compose(overrides)
-    learner = prepare(cfg)
+
+    def fresh() -> tuple[Any, Any, Any]:
+        """A run from the start: dlrun's learner, and the plain loop's model and optimizer."""
+        learner = prepare(cfg)
+        torch.manual_seed(cfg.seed)
+        model = stock_dropout(build_model(cfg, learner.data.facts)).to(learner.device)
+        fast = {"fused": True} if learner.device.type == "cuda" else {"foreach": True}
+        wd = float(cfg.regularization.wd)
+        opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optimizer.lr), weight_decay=wd, **fast)
+        return learner, model, opt
+
+    learner, model, opt = fresh()
     data = learner.data
     steps = steps or len(data.train)
-    torch.manual_seed(cfg.seed)
-    model = stock_dropout(build_model(cfg, data.facts)).to(learner.device)
-    fast = {"fused": True} if learner.device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=float(cfg.optimizer.lr), weight_decay=float(cfg.regularization.wd), **fast
-    )
     x, y = next(iter(data.train.epoch(0)))
     flops = flops_per_item(model, data.loss, x, y, data.count(y))
     ours, plain, ratios, compile_s, rate, last = [], [], [], 0.0, 0.0, {}
-    for _ in range(repeats):  # alternate, so a busy spell of the machine hits both
+    runners = rival_libs.runners(cfg, learner, steps) if rivals and not case.lr_find else {}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(repeats):  # alternate, so a busy spell of the machine hits both
+        if i:  # each repeat a whole run from a fresh model: what a user's run does
+            learner, model, opt = fresh()
+            data = learner.data
         if case.lr_find:
             a = lr_find_seconds(learner)
             b = plain_steps(learner, model, opt, 100)
@@ -288,6 +304,8 @@ def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[st
             compile_s = max(compile_s, spent)
             b, items = plain_epochs(cfg, learner, model, opt, epochs, steps, case.warmup)  # the same batches
             rate = items / a if a else 0.0
+            for name, rival in runners.items():
+                times[name].append(rival(cfg, learner, epochs, steps, case.warmup).per(items))
         ours.append(a)
         plain.append(b)
         ratios.append(a / b)
@@ -304,6 +322,7 @@ def training_case(case: Case, quick: bool, repeats: int, device: str) -> dict[st
         "items_per_s": rate,
         "flops_per_item": flops,
         "device": str(learner.device),
+        **rival_libs.columns(times, ours),
     }
 
 
@@ -380,7 +399,9 @@ def wall(command: list[str]) -> tuple[float, float]:
     return float(seconds), int(kb) / 1024
 
 
-def run_case(case: Case, quick: bool, repeats: int, device: str, matmul: float) -> dict[str, Any]:
+def run_case(
+    case: Case, quick: bool, repeats: int, device: str, matmul: float, rivals: bool = True
+) -> dict[str, Any]:
     """One case's result row (RESULT_KEYS, plus what the case adds)."""
     import torch
 
@@ -390,7 +411,7 @@ def run_case(case: Case, quick: bool, repeats: int, device: str, matmul: float) 
     if case.command is not None:
         row = command_case(case, repeats)
     else:
-        row = training_case(case, quick, repeats, device)
+        row = training_case(case, quick, repeats, device, rivals)
         achieved = row["flops_per_item"] * row["items_per_s"]
         row["of_matmul"] = achieved / matmul if matmul else None
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -417,12 +438,17 @@ def machine(device: Any, matmul: float) -> dict[str, Any]:
 
 
 def fmt_row(r: dict[str, Any]) -> str:
+    from rivals import LIBRARIES
+
     frac = r.get("of_matmul")
     extra = f"{frac:9.2%}" if frac is not None else f"{'':9}"
     if r.get("compile_s"):
         extra += f"  compile {r['compile_s']:.1f} s"
     if "accuracy" in r.get("valid", {}):
         extra += f"  accuracy {r['valid']['accuracy']:.4f}"
+    for name in LIBRARIES:
+        if f"{name}_s" in r:
+            extra += f"  {name} {r[f'{name}_s']:.3f} s x{r[f'{name}_ratio']:.2f}"
     return (
         f"{r['name']:<22} {r['dlrun_s']:9.3f} {r['plain_s']:9.3f} {r['ratio']:6.2f} {r['spread']:7.1%} "
         f"{r['peak_rss_mb']:8.0f} {extra}"
@@ -437,6 +463,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=None, help="alternations (default 3, quick 1)")
     parser.add_argument("--device", default="auto", help="trainer.device for the training cases")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--rivals",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time fastai and Lightning on the training cases, where they are importable",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -465,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if why:
             print(f"{case.name:<22} skipped: {why}")
             continue
-        row = run_case(case, args.quick, repeats, args.device, matmul)
+        row = run_case(case, args.quick, repeats, args.device, matmul, args.rivals)
         results.append(row)
         print(fmt_row(row), flush=True)
     # On a busy machine one timing of the matmul can come out low: measured again at the end,

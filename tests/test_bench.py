@@ -52,3 +52,29 @@ def test_every_family_has_a_case():
         "cli_cfg_job",
         "time_to_first_step",
     } <= set(names)
+
+
+def test_rival_columns_are_left_out_where_fastai_and_lightning_are_not_importable(monkeypatch):
+    bench = harness()
+    import rivals  # benchmarks/rivals.py: run.py put its folder on sys.path
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name in ("fastai", "lightning") else find_spec(name, *args),
+    )
+    assert rivals.available() == []
+    case = next(c for c in bench.cases() if c.name == "cnn_digits")
+    row = bench.training_case(case, quick=True, repeats=1, device="cpu")
+    assert row["dlrun_s"] > 0 and not [k for k in row if k.startswith(("fastai", "lightning"))]
+    assert "fastai" not in bench.fmt_row({**row, "name": "cnn_digits", "peak_rss_mb": 1.0})
+
+
+def test_rival_columns_are_medians_over_the_repeats():
+    harness()
+    import rivals
+
+    row = rivals.columns({"lightning": [3.0, 6.0, 2.0]}, [1.0, 2.0, 2.0])
+    assert row == {"lightning_s": 3.0, "lightning_ratio": 3.0}  # ratios 3, 3, 1
+    assert rivals.Timed(seconds=2.0, items=100, model=None).per(50) == 1.0
