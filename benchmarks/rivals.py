@@ -134,13 +134,15 @@ def columns(times: dict[str, list[float]], ours: list[float]) -> dict[str, float
 
 
 def fresh_model(cfg: Any, learner: Any) -> Any:
-    """The case's model as `dlrun.learner.prepare` builds it, from the run's seed."""
+    """The case's model as `dlrun.learner.prepare` builds it, from the run's seed, with torch's
+    `nn.Dropout` (what a fastai or Lightning user has)."""
     import torch
+    from common import stock_dropout
 
     from dlrun.family import build_model
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, learner.data.facts).to(learner.device)
+    model = stock_dropout(build_model(cfg, learner.data.facts)).to(learner.device)
     if learner.device.type == "cuda" and cfg.model.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -191,20 +191,6 @@ def compose(overrides: list[str]) -> Any:
     return cfg
 
 
-def stock_dropout(model: Any) -> Any:
-    """The model with torch's own `nn.Dropout` where dlrun's builder put its CPU-fast one (the
-    plain loop is what a hand-written script would train)."""
-    from torch import nn
-
-    from dlrun.models.dropout import Dropout
-
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, Dropout):
-                setattr(module, name, nn.Dropout(child.p))
-    return model
-
-
 def plain_epochs(
     cfg: Any, learner: Any, model: Any, opt: Any, epochs: int, steps: int, warmup: bool = True
 ) -> tuple[float, int]:
@@ -255,6 +241,7 @@ def training_case(case: Case, quick: bool, repeats: int, device: str, rivals: bo
     Lightning's too where they are importable (benchmarks/rivals.py)."""
     import rivals as rival_libs
     import torch
+    from common import stock_dropout
 
     from dlrun.family import build_model
     from dlrun.learner import prepare
