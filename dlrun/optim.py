@@ -178,6 +178,7 @@ class FusedStep:
         self.optimizer = optimizer
         self.state: Any = None  # the optimizer.state the lists below were taken from
         self.groups: list[tuple[tuple[bool, ...], list[list[torch.Tensor]]]] = []
+        self.mixed = False  # parameters on several devices or of several dtypes: torch.optim's step
 
     @staticmethod
     def usable(optimizer: torch.optim.Optimizer) -> bool:
@@ -198,6 +199,8 @@ class FusedStep:
     def step(self) -> None:
         """One update of every parameter that has a gradient."""
         opt = self.optimizer
+        if self.mixed:
+            return opt.step()  # it sorts the tensors by device and dtype, which one kernel call cannot
         if opt.state is not self.state or len(self.groups) != len(opt.param_groups):
             return self.step_and_take()
         work = []
@@ -218,6 +221,7 @@ class FusedStep:
         for group in opt.param_groups:
             has = tuple(p.grad is not None for p in group["params"])
             params = [p for p, h in zip(group["params"], has) if h]
+            self.mixed |= len({(p.device, p.dtype) for p in params}) > 1
             states = [opt.state[p] for p in params]
             if "betas" in group:
                 lists = [params, *([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))]

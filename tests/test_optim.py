@@ -245,3 +245,20 @@ def test_optimizers_are_fused_on_the_cpu_and_the_fused_step_steps_aside_for_what
     assert not FusedStep.usable(torch.optim.RMSprop(model.parameters()))
     opt.register_step_pre_hook(lambda *a: None)
     assert not FusedStep.usable(opt)  # a hook only torch.optim's step would call
+
+
+def test_the_fused_step_leaves_parameters_of_several_dtypes_to_the_optimizer():
+    from dlrun.optim import FusedStep
+
+    model = make_model()
+    model[3].double()  # one layer in float64: torch.optim sorts the tensors into two kernel calls
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    fused, calls = FusedStep(opt), []
+    step = opt.step
+    opt.step = lambda: (calls.append(1), step())[1]
+    x = torch.randn(16, 5)
+    for _ in range(3):
+        model[3](model[:3](x).double()).sum().backward()
+        fused.step()
+        opt.zero_grad(set_to_none=True)
+    assert fused.mixed and len(calls) == 3
