@@ -207,8 +207,18 @@ def run_hydra(command: str, args: list[str]) -> int:
     task = hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(
         make_task(command, output.swept if output else None)
     )
-    if output is None:
-        task()
+    if output is None:  # --help, --hydra-help, --cfg, --info: Hydra composes without a run
+        from hydra.errors import HydraException
+
+        try:
+            task()
+        except HydraException as e:
+            # `--help` with a sweep's `a=1,2`: Hydra's help composes one config, which a list
+            # of values cannot give.
+            raise DlrunError(
+                f"{first_line(e)}: --help, --cfg and --info show one config; leave the swept "
+                "values out (seed=1, not seed=1,2)"
+            ) from e
         return 0
     try:
         task()
@@ -656,7 +666,15 @@ def preflight(config_name: str, args: list[str], deep: bool = True) -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed_args, _ = get_args_parser().parse_known_args(args)
+    parsed_args, unknown = get_args_parser().parse_known_args(args)
+    flags = [a.split("=")[0] for a in unknown if a.startswith("--")]
+    if flags:
+        # `--resume DIR` would otherwise reach the override parser as the override "DIR".
+        key = flags[0][2:].replace("-", "_")
+        raise DlrunError(
+            f"{flags[0]} is not an option: settings are key=value overrides "
+            f"({key}=VALUE, for example resume=RUN_DIR); `dlrun --help` lists the options"
+        )
     try:
         overrides = OverridesParser.create().parse_overrides(parsed_args.overrides)
     except Exception as e:  # noqa: BLE001 - Hydra's parse errors carry the explanation

@@ -74,6 +74,8 @@ def test_train_help_lists_config_groups():
         (["eval", "/no/such/run"], ["/no/such/run does not exist"]),
         (["runs", "/no/such/dir"], ["/no/such/dir is not a directory"]),
         (["train", "resume=/no/such/run"], ["/no/such/run does not exist"]),
+        (["train", "--resume", "runs/a run"], ["--resume is not an option", "resume=RUN_DIR"]),
+        (["train", "-m", "seed=1,2", "--help"], ["leave the swept values out"]),
     ],
 )
 def test_user_mistakes_exit_2_with_a_message(args, fragments):
