@@ -182,6 +182,8 @@ class FusedStep:
 
     @staticmethod
     def usable(optimizer: torch.optim.Optimizer) -> bool:
+        """Whether `step` can stand in for `optimizer.step()`: torch's Adam, AdamW or SGD with
+        fused kernels, none of the options those kernels are not called with here, no step hooks."""
         import torch
 
         if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
@@ -232,6 +234,7 @@ class FusedStep:
         self.state = opt.state
 
     def kernel(self, group: dict, grads: list[torch.Tensor], lists: list[list[torch.Tensor]]) -> None:
+        """One param group's update: the kernel and arguments torch.optim's fused path uses."""
         import torch
 
         if "betas" in group:
