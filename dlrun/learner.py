@@ -241,7 +241,10 @@ def train_step(
         learner.fused_step.step()
     else:
         opt.step()
-    opt.zero_grad(set_to_none=True)
+    if learner.fused_step is not None:
+        learner.fused_step.zero_grad()
+    else:
+        opt.zero_grad(set_to_none=True)
     return loss.detach()
 
 

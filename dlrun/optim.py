@@ -215,6 +215,13 @@ class FusedStep:
             if grads:
                 self.kernel(group, grads, lists)
 
+    def zero_grad(self) -> None:
+        """`optimizer.zero_grad(set_to_none=True)` without its per-call profiler scope (about
+        35 us a step on the CPU for Adult's 13 tensors, a twentieth of the step at batch 64)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def step_and_take(self) -> None:
         """A step of the optimizer's own, then the lists for the next ones."""
         opt = self.optimizer

@@ -224,7 +224,7 @@ def test_the_fused_step_moves_every_tensor_exactly_as_the_optimizers_own_step(na
             if decay is not None:
                 decay.apply(lr)
             (take or opt.step)()
-            opt.zero_grad(set_to_none=True)
+            fused.zero_grad() if take else opt.zero_grad(set_to_none=True)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
     for sa, sb in zip(ours.state.values(), theirs.state.values()):
