@@ -160,7 +160,7 @@ def prepare(cfg: DictConfig) -> Learner:
         forward=distributed.wrap(forward, device),
         evaluate_forward=forward,
         compiler=StepCompiler(whole_step, device),
-        fused_step=FusedStep(optimizer) if FusedStep.usable(optimizer) else None,
+        fused_step=FusedStep(optimizer, decay) if FusedStep.usable(optimizer) else None,
         precision=precision,
         autocast=autocast,
         scaler=scaler,
@@ -232,15 +232,16 @@ def train_step(
         if scaler is not None:
             scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(learner.params, learner.grad_clip, foreach=True)
-    if learner.decay is not None:
-        learner.decay.apply(lr)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    elif learner.fused_step is not None:
-        learner.fused_step.step()
+    if learner.fused_step is not None and scaler is None:
+        learner.fused_step.step(lr)  # the decoupled decay included
     else:
-        opt.step()
+        if learner.decay is not None:
+            learner.decay.apply(lr)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
     if learner.fused_step is not None:
         learner.fused_step.zero_grad()
     else:

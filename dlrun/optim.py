@@ -172,13 +172,20 @@ class FusedStep:
     writes lr, betas or momentum into them is followed. `usable` says when this applies at all:
     fused optimizers without amsgrad, maximize, capturable, differentiable or step hooks; the
     same arguments torch.optim would pass, so the parameters come out bit for bit the same
-    (tests/test_optim.py)."""
+    (tests/test_optim.py).
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    With `decay` (regularization.wd_mode=decoupled), `step(lr)` also applies it: an Adam group's
+    decayed parameters go through torch's fused AdamW kernel, which multiplies them by
+    1 - group lr x wd (DecoupledDecay's factor) in the pass that updates them, instead of one more
+    pass over them first; equal to DecoupledDecay then Adam up to rounding. SGD groups, and any
+    step taken by the optimizer itself, get `decay.apply(lr)` first as before."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: DecoupledDecay | None = None):
+        self.optimizer, self.decay = optimizer, decay
         self.state: Any = None  # the optimizer.state the lists below were taken from
         self.groups: list[tuple[tuple[bool, ...], list[list[torch.Tensor]]]] = []
         self.mixed = False  # parameters on several devices or of several dtypes: torch.optim's step
+        self.sgd = False
 
     @staticmethod
     def usable(optimizer: torch.optim.Optimizer) -> bool:
@@ -198,22 +205,27 @@ class FusedStep:
         off = ("amsgrad", "maximize", "capturable", "differentiable")
         return all(g.get("fused") and not any(g.get(k) for k in off) for g in optimizer.param_groups)
 
-    def step(self) -> None:
-        """One update of every parameter that has a gradient."""
+    def step(self, lr: float = 0.0) -> None:
+        """One update of every parameter that has a gradient, after the decoupled decay at the
+        scheduled rate `lr` (with `decay`)."""
         opt = self.optimizer
         if self.mixed:
-            return opt.step()  # it sorts the tensors by device and dtype, which one kernel call cannot
+            return self.own_step(lr)  # torch.optim sorts the tensors by device and dtype
         if opt.state is not self.state or len(self.groups) != len(opt.param_groups):
-            return self.step_and_take()
-        work = []
-        for group, (has, lists) in zip(opt.param_groups, self.groups):
-            grads = [p.grad for p in group["params"]]
-            if tuple(g is not None for g in grads) != has:
-                return self.step_and_take()
-            work.append((group, [g for g in grads if g is not None], lists))
-        for group, grads, lists in work:
-            if grads:
-                self.kernel(group, grads, lists)
+            return self.step_and_take(lr)
+        for group, (has, _) in zip(opt.param_groups, self.groups):
+            if tuple(p.grad is not None for p in group["params"]) != has:
+                return self.step_and_take(lr)
+        if self.decay is not None and self.sgd:
+            self.decay.apply(lr)  # fused SGD's weight decay is L2: the decoupled one comes first
+        for group, (_, lists) in zip(opt.param_groups, self.groups):
+            self.kernel(group, lists)
+
+    def own_step(self, lr: float) -> None:
+        """The optimizer's own step, after the decoupled decay."""
+        if self.decay is not None:
+            self.decay.apply(lr)
+        self.optimizer.step()
 
     def zero_grad(self) -> None:
         """`optimizer.zero_grad(set_to_none=True)` without its per-call profiler scope (about
@@ -222,56 +234,70 @@ class FusedStep:
             for p in group["params"]:
                 p.grad = None
 
-    def step_and_take(self) -> None:
+    def step_and_take(self, lr: float) -> None:
         """A step of the optimizer's own, then the lists for the next ones."""
+        import torch
+
         opt = self.optimizer
-        opt.step()
+        self.own_step(lr)
         self.groups = []
+        self.sgd = isinstance(opt, torch.optim.SGD)
+        decayed = {id(p) for ps, _ in self.decay.active for p in ps} if self.decay is not None else set()
         for group in opt.param_groups:
             has = tuple(p.grad is not None for p in group["params"])
             params = [p for p, h in zip(group["params"], has) if h]
             self.mixed |= len({(p.device, p.dtype) for p in params}) > 1
-            states = [opt.state[p] for p in params]
             if "betas" in group:
-                lists = [params, *([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))]
+                # Adam: the decayed parameters, then the others, each as the kernel's lists
+                parts = [[p for p in params if id(p) in decayed], [p for p in params if id(p) not in decayed]]
+                lists = [self.adam_lists(part) for part in parts]
             else:  # SGD: no buffers without momentum
-                buffers = [s.get("momentum_buffer") for s in states]
-                lists = [params, [] if any(b is None for b in buffers) else buffers]
+                buffers = [opt.state[p].get("momentum_buffer") for p in params]
+                lists = [[params, [] if any(b is None for b in buffers) else buffers]]
             self.groups.append((has, lists))
         self.state = opt.state
 
-    def kernel(self, group: dict, grads: list[torch.Tensor], lists: list[list[torch.Tensor]]) -> None:
-        """One param group's update: the kernel and arguments torch.optim's fused path uses."""
+    def adam_lists(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """params, exp_avgs, exp_avg_sqs, steps: Adam's state for `params`."""
+        states = [self.optimizer.state[p] for p in params]
+        return [params, *([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))]
+
+    def kernel(self, group: dict, lists: list[list[list[torch.Tensor]]]) -> None:
+        """One param group's update: the kernels and arguments torch.optim's fused path uses."""
         import torch
 
         if "betas" in group:
-            params, exp_avgs, exp_avg_sqs, steps = lists
             decoupled = isinstance(self.optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay")
-            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            torch._foreach_add_(steps, 1)
             beta1, beta2 = group["betas"]
-            fused(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                steps,
-                amsgrad=False,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
+            for i, (params, exp_avgs, exp_avg_sqs, steps) in enumerate(lists):
+                if not params:
+                    continue
+                # lists[0]: the parameters DecoupledDecay decays, folded into AdamW's kernel
+                fold = i == 0 and self.decay is not None
+                fused = torch._fused_adamw_ if decoupled or fold else torch._fused_adam_
+                torch._foreach_add_(steps, 1)
+                fused(
+                    params,
+                    [p.grad for p in params],
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    steps,
+                    amsgrad=False,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=self.decay.wd if fold else group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=False,
+                    grad_scale=None,
+                    found_inf=None,
+                )
         else:
-            params, buffers = lists
+            ((params, buffers),) = lists
             torch._fused_sgd_(
                 params,
-                grads,
+                [p.grad for p in params],
                 buffers,
                 weight_decay=group["weight_decay"],
                 momentum=group["momentum"],

@@ -262,3 +262,46 @@ def test_the_fused_step_leaves_parameters_of_several_dtypes_to_the_optimizer():
         fused.step()
         opt.zero_grad(set_to_none=True)
     assert fused.mixed and len(calls) == 3
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_fused_step_applies_the_decoupled_decay_as_decoupled_decay_does(name):
+    """With the decay handed to it, FusedStep folds Adam's decoupled decay into torch's fused
+    AdamW kernel (SGD's it applies first): the same parameters, up to rounding, through a
+    frozen phase."""
+    from dlrun.optim import FusedStep, set_hyper
+
+    own_steps = []
+
+    def train(wd: float, fold: bool) -> list[torch.Tensor]:
+        # No BatchNorm: a bias before one has a gradient of pure rounding noise, which Adam
+        # scales up to whole steps, so the comparison would be of noise.
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt, decay = build_optimizer(config(name, "decoupled", wd=wd), model, torch.device("cpu"))
+        fused = FusedStep(opt, decay)
+        step = opt.step
+        opt.step = lambda: (own_steps.append(fold), step())[1]
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 5, generator=g), torch.randn(16, 1, generator=g)
+        for i in range(10):
+            if i in (3, 6):  # freeze the first layer, then unfreeze it
+                model[0].weight.requires_grad_(i == 6)
+                if decay is not None:
+                    decay.refresh()
+            lr = 0.02 * (1 + i) / 10
+            nn.functional.mse_loss(model(x), y).backward()
+            set_hyper(opt, lr, None)
+            if fold:
+                fused.step(lr)
+            else:
+                if decay is not None:
+                    decay.apply(lr)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    folded = train(0.3, fold=True)
+    assert own_steps.count(True) == 3  # the first step, after freezing, after unfreezing
+    assert close(folded, train(0.3, fold=False))
+    assert not close(folded, train(0.0, fold=True))  # the decay did act
