@@ -162,13 +162,51 @@ def one_cycle(cfg: Any) -> dict[str, Any]:
     }
 
 
+def fastai_timing(clock: Clock) -> Any:
+    """A fastai callback that times each epoch's training on `clock` and cancels validation
+    (dlrun's seconds count training only) while its `cancel_valid` is set."""
+    with quiet():
+        from fastai.callback.core import Callback, CancelValidException
+
+    class Timing(Callback):
+        cancel_valid = True
+
+        def before_train(self) -> None:
+            clock.start()
+
+        def after_batch(self) -> None:
+            if self.training:
+                clock.batch(self.yb[0])
+
+        def after_train(self) -> None:
+            clock.stop()
+
+        def before_validate(self) -> None:
+            if self.cancel_valid:
+                raise CancelValidException
+
+    return Timing()
+
+
+def fit_one_cycle(learn: Any, cfg: Any, epochs: int) -> None:
+    """fastai's `fit_one_cycle` with the config's one-cycle (lr, warm-up share, div, momenta)."""
+    s = one_cycle(cfg)
+    learn.fit_one_cycle(
+        epochs,
+        s["lr"],
+        div=s["div"],
+        div_final=s["final_div"],
+        pct_start=s["pct_start"],
+        moms=(*s["moms"], s["moms"][0]),
+    )
+
+
 def fastai_epochs(cfg: Any, learner: Any, epochs: int, steps: int, warmup: bool = True) -> Timed:
     """fastai's Learner and `fit_one_cycle` over the case's tensors."""
     from functools import partial
 
     with quiet():
         import fastai.callback.all  # noqa: F401 (adds fit_one_cycle, no_bar, to_bf16 to Learner)
-        from fastai.callback.core import Callback, CancelValidException
         from fastai.callback.training import GradientClip
         from fastai.data.core import DataLoaders
         from fastai.data.load import DataLoader
@@ -200,20 +238,6 @@ def fastai_epochs(cfg: Any, learner: Any, epochs: int, steps: int, warmup: bool 
             index = self.y.new_tensor(b)
             return take(self.x, index), self.y[index]
 
-    class Timing(Callback):
-        def before_train(self) -> None:
-            clock.start()
-
-        def after_batch(self) -> None:
-            if self.training:
-                clock.batch(self.yb[0])
-
-        def after_train(self) -> None:
-            clock.stop()
-
-        def before_validate(self) -> None:
-            raise CancelValidException  # dlrun's seconds count training only
-
     train, valid = data.train, data.valid
     bs = train.bs
     dls = DataLoaders(
@@ -222,7 +246,7 @@ def fastai_epochs(cfg: Any, learner: Any, epochs: int, steps: int, warmup: bool 
         device=device,
     )
     opt = cfg.optimizer
-    cbs = [Timing()] + ([GradientClip(cfg.trainer.grad_clip)] if cfg.trainer.grad_clip else [])
+    cbs = [fastai_timing(clock)] + ([GradientClip(cfg.trainer.grad_clip)] if cfg.trainer.grad_clip else [])
     learn = Learner(
         dls,
         fresh_model(cfg, learner),
@@ -234,16 +258,8 @@ def fastai_epochs(cfg: Any, learner: Any, epochs: int, steps: int, warmup: bool 
     learn.logger = lambda *a: None  # no per-epoch table
     if learner.precision == "bf16":
         learn.to_bf16()
-    s = one_cycle(cfg)
     with learn.no_bar():
-        learn.fit_one_cycle(
-            epochs,
-            s["lr"],
-            div=s["div"],
-            div_final=s["final_div"],
-            pct_start=s["pct_start"],
-            moms=(*s["moms"], s["moms"][0]),
-        )
+        fit_one_cycle(learn, cfg, epochs)
     return clock.timed(learn.model)
 
 
@@ -254,7 +270,6 @@ def fastai_tabular_epochs(cfg: Any, learner: Any, epochs: int, steps: int, warmu
     import pandas as pd
 
     with quiet():
-        from fastai.callback.core import Callback, CancelValidException
         from fastai.data.block import CategoryBlock
         from fastai.data.transforms import RandomSplitter
         from fastai.metrics import accuracy
@@ -285,24 +300,8 @@ def fastai_tabular_epochs(cfg: Any, learner: Any, epochs: int, steps: int, warmu
     )
     with quiet():
         dls = table.dataloaders(bs=int(d.bs), device=learner.device)
-    validating = [False]  # validation at the end only, for the accuracy
-
-    class Timing(Callback):
-        def before_train(self) -> None:
-            clock.start()
-
-        def after_batch(self) -> None:
-            if self.training:
-                clock.batch(self.yb[0])
-
-        def after_train(self) -> None:
-            clock.stop()
-
-        def before_validate(self) -> None:
-            if not validating[0]:
-                raise CancelValidException
-
-    reg, opt, s = cfg.regularization, cfg.optimizer, one_cycle(cfg)
+    timing = fastai_timing(clock)
+    reg, opt = cfg.regularization, cfg.optimizer
     learn = tabular_learner(
         dls,
         layers=list(cfg.model.layers),
@@ -310,19 +309,12 @@ def fastai_tabular_epochs(cfg: Any, learner: Any, epochs: int, steps: int, warmu
         opt_func=partial(Adam, sqr_mom=float(opt.betas[1]), eps=float(opt.eps)),
         wd=float(reg.wd),
         metrics=accuracy,
-        cbs=[Timing()],
+        cbs=[timing],
     )
     learn.logger = lambda *a: None
     with learn.no_bar():
-        learn.fit_one_cycle(
-            epochs,
-            s["lr"],
-            div=s["div"],
-            div_final=s["final_div"],
-            pct_start=s["pct_start"],
-            moms=(*s["moms"], s["moms"][0]),
-        )
-        validating[0] = True
+        fit_one_cycle(learn, cfg, epochs)
+        timing.cancel_valid = False  # validation at the end only, for the accuracy
         _, acc = learn.validate()
     return clock.timed(learn.model, float(acc))
 
