@@ -185,7 +185,7 @@ class FusedStep:
         self.state: Any = None  # the optimizer.state the lists below were taken from
         self.groups: list[tuple[tuple[bool, ...], list[list[torch.Tensor]]]] = []
         self.mixed = False  # parameters on several devices or of several dtypes: torch.optim's step
-        self.sgd = False
+        self.sgd = "betas" not in optimizer.defaults  # SGD: its fused kernel's weight decay is L2
 
     @staticmethod
     def usable(optimizer: torch.optim.Optimizer) -> bool:
@@ -236,12 +236,9 @@ class FusedStep:
 
     def step_and_take(self, lr: float) -> None:
         """A step of the optimizer's own, then the lists for the next ones."""
-        import torch
-
         opt = self.optimizer
         self.own_step(lr)
         self.groups = []
-        self.sgd = isinstance(opt, torch.optim.SGD)
         decayed = {id(p) for ps, _ in self.decay.active for p in ps} if self.decay is not None else set()
         for group in opt.param_groups:
             has = tuple(p.grad is not None for p in group["params"])
