@@ -191,6 +191,8 @@ def build(learner: Learner) -> Any:
 
     from dlrun.optim import set_hyper
 
+    if learner.fused_step is not None:
+        learner.fused_step.release()  # the optimizer's own step counts each tensor itself
     tensor_hypers(learner.optimizer, learner.device)
     lr_now = torch.zeros((), device=learner.device)
 

@@ -234,6 +234,42 @@ def test_the_fused_step_moves_every_tensor_exactly_as_the_optimizers_own_step(na
     assert own_steps == [0, 3, 6, 9]
 
 
+def test_the_fused_steps_counts_share_one_tensor_and_are_released_to_other_steppers():
+    """Adam's step counts become views into one tensor (one add_ counts a step for all), yet each
+    parameter keeps a count of its own; after `release` the optimizer's own step (what the
+    compiled step calls) counts each tensor once, and FusedStep takes over again exactly."""
+    from dlrun.optim import FusedStep
+
+    models = [make_model(), make_model()]
+    built = [build_optimizer(config("adamw", "decoupled"), m, torch.device("cpu")) for m in models]
+    (ours, decay), (theirs, decay_b) = built
+    fused = FusedStep(ours, decay)
+    x, y = torch.randn(16, 5), torch.randn(16, 1)
+
+    def storages() -> set[int]:
+        return {s["step"].untyped_storage().data_ptr() for s in ours.state.values()}
+
+    for i in range(9):
+        for model, opt, d, mine in ((models[0], ours, decay, True), (models[1], theirs, decay_b, False)):
+            nn.functional.mse_loss(model(x), y).backward()
+            if mine and not 3 <= i < 6:
+                fused.step(0.01)
+            else:
+                d.apply(0.01)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if i == 2:
+            assert len(storages()) == 1  # one tensor of counts, a view of it per parameter:
+            assert len({id(s["step"]) for s in ours.state.values()}) == len(ours.state)
+            fused.release()
+            assert len(storages()) == len(ours.state)
+    for sa, sb in zip(ours.state.values(), theirs.state.values()):
+        assert torch.equal(sa["step"], sb["step"]) and float(sa["step"]) == 9
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)  # the decay folded in: equal up to rounding
+    assert len(storages()) == 1
+
+
 def test_optimizers_are_fused_on_the_cpu_and_the_fused_step_steps_aside_for_what_it_does_not_do():
     from dlrun.optim import FusedStep
 
