@@ -63,6 +63,11 @@ class StepCompiler:
         if self.mode is True and self.state == "probe":
             self.state = "compile"
 
+    @property
+    def live(self) -> bool:
+        """Whether a step may still be compiled or timed (not once the run is eager for good)."""
+        return self.state not in ("off", "eager")
+
     def eligible(self, learner: Learner, weight: float, update: bool) -> bool:
         """Whether this step is one plain function of (x, y) that a compiled step can take."""
         return (

@@ -210,7 +210,7 @@ def train_step(
     added to the parameters' gradients; with `update` (every batch without accumulation), then
     one optimizer step at (lr, momentum). Returns the batch's loss, still on the device."""
     compiler = learner.compiler
-    if compiler is not None and compiler.eligible(learner, weight, update):
+    if compiler is not None and compiler.live and compiler.eligible(learner, weight, update):
         loss = compiler.step(learner, x, y, lr, momentum)
         if loss is not None:
             return loss

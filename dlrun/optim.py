@@ -190,7 +190,7 @@ class FusedStep:
     def __init__(self, optimizer: torch.optim.Optimizer, decay: DecoupledDecay | None = None):
         self.optimizer, self.decay = optimizer, decay
         self.state: Any = None  # the optimizer.state the lists below were taken from
-        self.groups: list[tuple[tuple[bool, ...], list[list[torch.Tensor]]]] = []
+        self.groups: list[tuple[list[bool], list[list[torch.Tensor]]]] = []
         self.mixed = False  # parameters on several devices or of several dtypes: torch.optim's step
         self.counts: torch.Tensor | None = None  # Adam's step counts, every stepped parameter's
         self.sgd = "betas" not in optimizer.defaults  # SGD: its fused kernel's weight decay is L2
@@ -222,7 +222,7 @@ class FusedStep:
         if opt.state is not self.state or len(self.groups) != len(opt.param_groups):
             return self.step_and_take(lr)
         for group, (has, _) in zip(opt.param_groups, self.groups):
-            if tuple(p.grad is not None for p in group["params"]) != has:
+            if [p.grad is not None for p in group["params"]] != has:
                 return self.step_and_take(lr)
         if self.decay is not None and self.sgd:
             self.decay.apply(lr)  # fused SGD's weight decay is L2: the decoupled one comes first
@@ -251,7 +251,7 @@ class FusedStep:
         self.groups = []
         decayed = {id(p) for ps, _ in self.decay.active for p in ps} if self.decay is not None else set()
         for group in opt.param_groups:
-            has = tuple(p.grad is not None for p in group["params"])
+            has = [p.grad is not None for p in group["params"]]
             params = [p for p, h in zip(group["params"], has) if h]
             self.mixed |= len({(p.device, p.dtype) for p in params}) > 1
             if "betas" in group:
@@ -355,13 +355,13 @@ def set_hyper(optimizer: torch.optim.Optimizer, lr: float, momentum: float | Non
     scheduled, of every group."""
     for g in optimizer.param_groups:
         rate = lr * g.get("lr_factor", 1.0)
-        if isinstance(g["lr"], float | int):
+        if isinstance(g["lr"], (float, int)):
             g["lr"] = rate
         else:  # a compiled step's tensor (dlrun.compiled_step): filled in place, no recompiling
             g["lr"].fill_(rate)
         if momentum is not None:
             if "betas" in g:
-                if isinstance(g["betas"][0], float | int):
+                if isinstance(g["betas"][0], (float, int)):
                     g["betas"] = (momentum, g["betas"][1])
                 else:
                     g["betas"][0].fill_(momentum)

@@ -126,6 +126,7 @@ def fit(
     data, tr = learner.data, cfg.trainer
     steps = len(data.train) if tr.limit_batches is None else min(len(data.train), tr.limit_batches)
     accumulate = tr.accumulate
+    log_every = tr.log_every  # read at every step: a config lookup costs more than the check
     updates = math.ceil(steps / accumulate)  # optimizer steps per epoch
     monitored = data.metrics()  # which metric early stopping watches, and which way is better
     epochs, frozen = finetune.total_epochs(cfg), finetune.freeze_epochs(cfg)
@@ -255,7 +256,7 @@ def fit(
                 state.loss_sum.add_(loss, alpha=k)  # one kernel, no host sync
                 state.items += k
                 state.step, state.batch, state.last_lr = state.step + update, i + 1, lr
-                if state.batch % tr.log_every == 0 or state.batch == steps:
+                if state.batch % log_every == 0 or state.batch == steps:
                     if ranks > 1:  # the ranks' mean loss, and whether any rank was asked to stop
                         current, stopping = distributed.mean(loss, stop_request.requested)
                     else:
