@@ -81,7 +81,7 @@ class StepCompiler:
 
     def step(self, learner: Learner, x: Any, y: Any, lr: float, momentum: float | None) -> Any:
         """The compiled step's loss, or None when this step is to be taken eagerly."""
-        if self.state in ("off", "eager") or self.remaining is None:
+        if not self.live or self.remaining is None:
             return None
         self.remaining -= 1
         if self.state == "probe":

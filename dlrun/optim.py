@@ -271,18 +271,16 @@ class FusedStep:
         import torch
 
         self.counts = None
-        steps = [lists[3] for _, groups in self.groups for lists in groups if len(lists) == 4]
-        every = [t for part in steps for t in part]
+        adam = [lists for _, groups in self.groups for lists in groups if len(lists) == 4]
+        every = [t for lists in adam for t in lists[3]]
         if not every or self.mixed:
             return
         self.counts = torch.stack([t.detach().reshape(()) for t in every])
         views = iter(self.counts.unbind(0))
-        for _, groups in self.groups:
-            for lists in groups:
-                if len(lists) == 4:
-                    lists[3] = [next(views) for _ in lists[3]]
-                    for p, view in zip(lists[0], lists[3]):
-                        self.optimizer.state[p]["step"] = view
+        for lists in adam:
+            lists[3] = [next(views) for _ in lists[3]]
+            for p, view in zip(lists[0], lists[3]):
+                self.optimizer.state[p]["step"] = view
 
     def release(self) -> None:
         """Give every parameter's step count a storage of its own again, and take the lists
@@ -313,8 +311,7 @@ class FusedStep:
                 # lists[0]: the parameters DecoupledDecay decays, folded into AdamW's kernel
                 fold = i == 0 and self.decay is not None
                 fused = torch._fused_adamw_ if decoupled or fold else torch._fused_adam_
-                if self.counts is None:  # else counted in `step`, once for every group
-                    torch._foreach_add_(steps, 1)
+                # `steps` are views into `counts`, which `step` has already added this step to
                 fused(
                     params,
                     [p.grad for p in params],
